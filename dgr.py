@@ -1,0 +1,919 @@
+"""dgr.py: Continual Learning with Deep Generative Replay (Shin, Lee, Kim, Kim, NeurIPS 2017) in one file.
+
+A *scholar* is a generator (a WGAN-GP) and a solver (a classifier). On task i the new generator learns
+a mix of real task-i inputs (share r) and samples of the previous generator (share 1-r); the new solver
+minimises r*CE(S(x), y) + (1-r)*CE(S(x'), S_old(x')), the replayed inputs x' labelled by the old solver.
+Replay variants: GR (x' from the previous generator), ER (x' = real past inputs, the upper bound),
+Noise (x' = Gaussian noise) and None (plain fine-tuning).
+
+Run an experiment of the paper (results, curves and sample grids land in --out, default results/):
+    python dgr.py --exp split                       # Fig. 6/7, class-incremental split MNIST
+    python dgr.py --exp permuted --variants gr,none  # Fig. 2
+    python dgr.py --exp all --preset quick          # every experiment, tiny budgets (CPU, minutes)
+    python dgr.py --help
+Reuse the pieces: `from dgr import Scholar, train_task` (importing runs nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EXPERIMENTS = ("chain", "permuted", "mnist-svhn", "svhn-mnist", "lwf", "split")
+VARIANTS = ("gr", "er", "noise", "none")
+VARIANT_NAMES = {"gr": "GR", "er": "ER", "noise": "Noise", "none": "None"}
+LWF_NAMES = {"gr": "LwF-GR", "er": "LwF-ER", "noise": "LwF-Noise", "none": "LwF"}
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line and exit code 2, never as a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+@dataclass
+class Args:
+    exp: str = field(default="permuted", metadata={"help": "experiment: " + ", ".join(EXPERIMENTS) + ", all",
+                                                   "choices": EXPERIMENTS + ("all",)})
+    variants: str = field(default="gr,er,noise,none", metadata={"help": "comma-separated replay variants among gr,er,noise,none"})
+    preset: str = field(default="paper", metadata={"help": "training budgets: paper (as in the README) or quick (CPU smoke run)",
+                                                   "choices": ("paper", "quick")})
+    seeds: int = field(default=1, metadata={"help": "number of seeds; runs seeds 0..N-1"})
+    r: float | None = field(default=None, metadata={"help": "real-data share r in [0,1] on tasks after the first (default 1/i on task i)"})
+    replay_targets: str = field(default="hard", metadata={"help": "label replayed inputs with the old solver's argmax (hard) or probabilities (soft)",
+                                                          "choices": ("hard", "soft")})
+    data_dir: str = field(default="", metadata={"help": "dataset root for torchvision MNIST/SVHN (default $DGR_DATA or ./data)"})
+    out: str = field(default="results", metadata={"help": "output folder: <out>/<exp>/<variant>_seed<k>.json, figures, summary.md"})
+    device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."})
+    impl: str = field(default="auto", metadata={"help": "losses: fused C++/CUDA op (ext), PyTorch reference (torch), or ext if it loads (auto)",
+                                                "choices": ("auto", "ext", "torch")})
+    tasks: int = field(default=0, metadata={"help": "number of permuted-MNIST tasks (0: preset's, 10 for paper)"})
+    solver_iters: int = field(default=0, metadata={"help": "solver steps per task (0: preset's)"})
+    gen_iters: int = field(default=0, metadata={"help": "generator steps per task, each after 5 critic steps (0: preset's)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate and print a progress line every k solver steps (0: preset's)"})
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(prog="dgr.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Args):
+        kind = float if f.name == "r" else type(f.default)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                            choices=f.metadata.get("choices"), help=f.metadata["help"])
+    args = Args(**vars(parser.parse_args(argv)))
+    args.data_dir = args.data_dir or os.environ.get("DGR_DATA", "./data")
+    check_args(args)
+    return args
+
+
+def check_args(args: Args) -> None:
+    bad = [v for v in variant_list(args) if v not in VARIANTS]
+    if bad or not variant_list(args):
+        raise UsageError(f"unknown variant {', '.join(bad) or '(none given)'}: choose from {','.join(VARIANTS)}")
+    if args.r is not None and not 0.0 <= args.r <= 1.0:
+        raise UsageError(f"--r must lie in [0, 1], got {args.r}")
+    if args.seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    for name in ("tasks", "solver_iters", "gen_iters", "eval_every"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def variant_list(args: Args) -> list[str]:
+    return [v.strip().lower() for v in args.variants.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Budgets. Sources are in the README: WGAN-GP (Gulrajani et al. 2017) for the critic schedule,
+# kuc2477/pytorch-deep-generative-replay for 3000 generator steps per task, van de Ven et al. for the
+# 784-400-400-10 solver, batch 128 and 2000 (split) / 5000 (permuted) solver steps per task.
+
+
+@dataclass
+class Budget:
+    solver_iters: int = 2000      # solver steps per task
+    gen_iters: int = 3000         # generator steps per task (each after n_critic critic steps)
+    batch: int = 128              # solver batch (real and replayed batches each this size)
+    gen_batch: int = 64           # generator/critic batch
+    eval_every: int = 250         # evaluate every k solver steps
+    train_limit: int = 0          # use at most this many training images per task (0: all)
+    test_limit: int = 0           # evaluate on at most this many test images per task (0: all)
+    width: int = 64               # generator/critic base channels (critic 64-128-256)
+    hidden: int = 400             # MLP solver hidden units (784-400-400-10)
+    cnn_channels: int = 32        # CNN solver channels (32-64) for 32x32x3 inputs
+    n_tasks: int = 10             # permuted MNIST tasks
+    warmup_iters: int = 0         # LwF: steps training the new head alone before fine-tuning all
+    sample_at: tuple = ()         # generator steps at which sample grids are saved (Fig. 4)
+    z_dim: int = 100
+    n_critic: int = 5
+    lam: float = 10.0             # gradient-penalty weight
+    gen_lr: float = 1e-4          # Adam(0.5, 0.9) for generator and critic
+    solver_lr: float = 1e-3       # Adam(0.9, 0.999) for the solver
+
+
+PAPER = {
+    "chain": Budget(solver_iters=5000, gen_iters=5000, eval_every=1000),
+    "permuted": Budget(solver_iters=5000, gen_iters=3000, eval_every=500),
+    "split": Budget(solver_iters=2000, gen_iters=3000, eval_every=250),
+    "mnist-svhn": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
+    "svhn-mnist": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
+    "lwf": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, warmup_iters=1000),
+}
+# quick: a smoke test that runs every experiment on 2 CPU cores in well under a minute, not a reproduction.
+# Its tiny GAN needs lr 1e-3 (measured: split GR 86 % with lr 1e-3, 22 % with 1e-4 after 100 steps).
+QUICK_COMMON = dict(solver_iters=150, gen_iters=60, batch=64, gen_batch=16, eval_every=50, train_limit=3000,
+                    test_limit=1000, width=8, hidden=128, cnn_channels=8, n_tasks=3, n_critic=3, gen_lr=1e-3)
+QUICK = {exp: Budget(**QUICK_COMMON) for exp in EXPERIMENTS}
+QUICK["lwf"] = Budget(**{**QUICK_COMMON, "warmup_iters": 30})
+QUICK["split"] = Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters": 200})
+for _exp in ("mnist-svhn", "svhn-mnist"):
+    QUICK[_exp] = Budget(**{**QUICK_COMMON, "sample_at": (10, 20, 40, 60)})
+
+
+def budget_for(args: Args, exp: str) -> Budget:
+    b = copy.deepcopy((PAPER if args.preset == "paper" else QUICK)[exp])
+    for name in ("solver_iters", "gen_iters", "eval_every"):
+        if getattr(args, name):
+            setattr(b, name, getattr(args, name))
+    if args.tasks:
+        b.n_tasks = args.tasks
+    return b
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: torchvision datasets held as tensors on the training device, pixels in [-1, 1].
+
+
+@dataclass
+class Task:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    head: int = 0                 # solver head used for this task (LwF has one per task)
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+def open_dataset(cls, root: str, expected: str, **kwargs):
+    """A torchvision dataset from root; download when missing; one clear UsageError when that fails."""
+    try:
+        return cls(root, download=False, **kwargs)
+    except RuntimeError:
+        pass
+    try:
+        return cls(root, download=True, **kwargs)
+    except Exception as e:  # no network, server down, corrupt download
+        raise UsageError(f"{cls.__name__} is not in {os.path.abspath(root)} and could not be downloaded "
+                         f"({type(e).__name__}). Expected files: {expected}. Set --data-dir or DGR_DATA.") from None
+
+
+def load_mnist(data_dir: str, device, rgb32: bool = False):
+    """MNIST as (x_train, y_train, x_test, y_test); 28x28x1, or 32x32x3 (padded, channel repeated)."""
+    from torchvision.datasets import MNIST
+    expected = ", ".join(os.path.join(os.path.abspath(data_dir), "MNIST", "raw", f) for f in MNIST_FILES)
+    out = []
+    for train in (True, False):
+        ds = open_dataset(MNIST, data_dir, expected, train=train)
+        x = ds.data.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
+        if rgb32:
+            x = F.pad(x, (2, 2, 2, 2), value=-1.0).repeat(1, 3, 1, 1)
+        out += [x, ds.targets.to(device)]
+    return tuple(out)
+
+
+def load_svhn(data_dir: str, device):
+    """SVHN (cropped digits) as (x_train, y_train, x_test, y_test), 32x32x3, labels 0..9."""
+    from torchvision.datasets import SVHN
+    root = os.path.join(data_dir, "SVHN")
+    expected = ", ".join(os.path.join(os.path.abspath(root), f) for f in SVHN_FILES)
+    out = []
+    for split in ("train", "test"):
+        ds = open_dataset(SVHN, root, expected, split=split)
+        out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
+                torch.from_numpy(ds.labels).long().to(device)]
+    return tuple(out)
+
+
+def limited(x: torch.Tensor, y: torch.Tensor, limit: int, gen: torch.Generator):
+    if not limit or limit >= len(x):
+        return x, y
+    idx = torch.randperm(len(x), generator=gen)[:limit].to(x.device)
+    return x[idx], y[idx]
+
+
+def make_task(name, data, b: Budget, seed: int, head: int = 0, transform=None, classes=None) -> Task:
+    """A task from (x_train, y_train, x_test, y_test): optional class subset and input transform."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for x, y, limit in ((data[0], data[1], b.train_limit), (data[2], data[3], b.test_limit)):
+        if classes is not None:
+            keep = torch.isin(y, torch.tensor(classes, device=y.device))
+            x, y = x[keep], y[keep]
+        x, y = limited(x, y, limit, gen)
+        parts += [transform(x) if transform else x, y]
+    return Task(name, *parts, head=head)
+
+
+def pixel_permutation(n_pixels: int, seed: int, task: int) -> torch.Tensor:
+    """The fixed pixel order of permuted-MNIST task `task` (task 0 is the identity)."""
+    if task == 0:
+        return torch.arange(n_pixels)
+    return torch.randperm(n_pixels, generator=torch.Generator().manual_seed(10_000 * seed + task))
+
+
+def permuted_tasks(data, b: Budget, seed: int) -> list[Task]:
+    tasks = []
+    for t in range(b.n_tasks):
+        perm = pixel_permutation(28 * 28, seed, t).to(data[0].device)
+        permute = lambda x, p=perm: x.flatten(1)[:, p].view_as(x)
+        tasks.append(make_task(f"perm{t + 1}", data, b, seed, transform=permute))
+    return tasks
+
+
+SPLIT_CLASSES = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+
+
+def split_tasks(data, b: Budget, seed: int) -> list[Task]:
+    return [make_task(f"{c[0]}-{c[1]}", data, b, seed, classes=c) for c in SPLIT_CLASSES]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: DCGAN-style generator, critic without batch norm, MLP or CNN solver with one head per task.
+
+
+def down_steps(height: int) -> int:
+    return 2 if height == 28 else 3
+
+
+class Generator(nn.Module):
+    """z -> image in [-1, 1]: 128x7x7 -> 64x14x14 -> 1x28x28, or 256x4x4 -> ... -> 3x32x32 (width=64)."""
+
+    def __init__(self, shape, z_dim=100, width=64):
+        super().__init__()
+        c, h, _ = shape
+        n_up = down_steps(h)
+        self.z_dim, self.start, ch = z_dim, h // 2 ** n_up, width * 2 ** (n_up - 1)
+        self.fc = nn.Sequential(nn.Linear(z_dim, ch * self.start ** 2), nn.BatchNorm1d(ch * self.start ** 2), nn.ReLU())
+        layers = []
+        for _ in range(n_up - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1), nn.BatchNorm2d(ch // 2), nn.ReLU()]
+            ch //= 2
+        self.net = nn.Sequential(*layers, nn.ConvTranspose2d(ch, c, 4, 2, 1), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(self.fc(z).view(len(z), -1, self.start, self.start))
+
+
+def make_critic(shape, width=64) -> nn.Sequential:
+    """Image -> score: convs width-2w-4w (64-128-256) down to 4x4, no batch norm (it breaks the penalty)."""
+    c, h, _ = shape
+    return nn.Sequential(
+        nn.Conv2d(c, width, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(2 * width, 4 * width, 3 if h == 28 else 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Flatten(), nn.Linear(4 * width * 16, 1))
+
+
+class Solver(nn.Module):
+    """Classifier: MLP 784-400-400 for 28x28x1, CNN for 32x32x3, then one 10-way linear head per task."""
+
+    def __init__(self, shape, n_classes=10, n_heads=1, hidden=400, cnn_channels=32):
+        super().__init__()
+        c, h, w = shape
+        if c == 1:
+            self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(),
+                                       nn.Linear(hidden, hidden), nn.ReLU())
+        else:
+            k = cnn_channels
+            self.trunk = nn.Sequential(
+                nn.Conv2d(c, k, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(k, 2 * k, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(2 * k * (h // 4) * (w // 4), hidden), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(hidden, n_classes) for _ in range(n_heads))
+
+    def forward(self, x, head: int = 0):
+        return self.heads[head](self.trunk(x))
+
+
+class Scholar(nn.Module):
+    """Generator + critic (WGAN-GP) and solver, with their optimizers: all a task needs to replay."""
+
+    def __init__(self, shape, b: Budget, n_heads=1, with_generator=True):
+        super().__init__()
+        self.shape, self.z_dim = tuple(shape), b.z_dim
+        self.solver = Solver(shape, 10, n_heads, b.hidden, b.cnn_channels)
+        self.solver_opt = torch.optim.Adam(self.solver.parameters(), lr=b.solver_lr)
+        self.generator = Generator(shape, b.z_dim, b.width) if with_generator else None
+        self.critic = make_critic(shape, b.width) if with_generator else None
+        if with_generator:   # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores
+            self.generator.to(memory_format=torch.channels_last)
+            self.critic.to(memory_format=torch.channels_last)
+            self.gen_opt = torch.optim.Adam(self.generator.parameters(), lr=b.gen_lr, betas=(0.5, 0.9))
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=b.gen_lr, betas=(0.5, 0.9))
+
+    def frozen_copy(self) -> "Scholar":
+        """The previous scholar: a copy with no gradients, used only to sample and to label."""
+        old = copy.deepcopy(self)
+        old.requires_grad_(False)
+        return old
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        z = torch.randn(n, self.z_dim, device=next(self.generator.parameters()).device)
+        return self.generator(z)   # train-mode batch norm, as in training
+
+    @torch.no_grad()
+    def label(self, x: torch.Tensor, head: int = 0, soft: bool = False) -> torch.Tensor:
+        was_training = self.solver.training
+        self.solver.eval()
+        logits = self.solver(x, head)
+        self.solver.train(was_training)
+        return logits.softmax(1) if soft else logits.argmax(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two losses of a DGR step: the plain PyTorch references (*_ref), and the fused C++/CUDA ops of
+# csrc/ (torch.ops.dgr.*) that replace them. `--impl` picks: auto (the op if it loads), ext, torch.
+
+
+def gradient_penalty_ref(grad: torch.Tensor, lam: float) -> torch.Tensor:
+    """lam * mean_b (||grad_b|| - 1)^2, the norm over ALL non-batch dimensions (C*H*W), per sample."""
+    norms = grad.flatten(1).norm(dim=1)
+    return lam * (norms - 1).pow(2).mean()
+
+
+def gradient_penalty(grad: torch.Tensor, lam: float, impl: str | None = None) -> torch.Tensor:
+    """WGAN-GP penalty on the critic's input gradient; fused op: one read of grad forward, one backward."""
+    if use_extension(grad, impl):
+        return torch.ops.dgr.gradient_penalty(grad, lam)
+    return gradient_penalty_ref(grad, lam)
+
+
+def replay_loss_ref(logits_real, labels, logits_replay, targets_replay, r: float) -> torch.Tensor:
+    """r * CE(logits_real, labels) + (1 - r) * CE(logits_replay, targets); targets are class indices
+    (hard) or probabilities (soft); an empty batch contributes nothing."""
+    loss = logits_real.new_zeros(())
+    if len(logits_real):
+        loss = loss + r * F.cross_entropy(logits_real, labels)
+    if len(logits_replay):
+        if targets_replay.dtype.is_floating_point:
+            ce = -(targets_replay * logits_replay.log_softmax(1)).sum(1).mean()
+        else:
+            ce = F.cross_entropy(logits_replay, targets_replay)
+        loss = loss + (1 - r) * ce
+    return loss
+
+
+def replay_loss(logits_real, labels, logits_replay, targets_replay, r: float, impl: str | None = None) -> torch.Tensor:
+    """The solver's replay-mixing loss; fused op: log-softmax, loss and gradient in one pass per row."""
+    if use_extension(logits_real, impl):
+        return torch.ops.dgr.replay_loss_fwd(logits_real, labels, logits_replay, targets_replay, r)[0]
+    return replay_loss_ref(logits_real, labels, logits_replay, targets_replay, r)
+
+
+EXTENSION_NAME = "dgr_ops"
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+IMPLS = ("auto", "ext", "torch")
+_ops = {"impl": "auto", "loaded": None}   # loaded: None (not tried yet), True, False
+
+
+def set_impl(impl: str) -> None:
+    """Choose the loss implementation for this process: auto, ext (the fused op, or an error) or torch."""
+    if impl not in IMPLS:
+        raise UsageError(f"unknown --impl {impl!r}: choose from {', '.join(IMPLS)}")
+    _ops["impl"] = impl
+
+
+def extension_sources(with_cuda: bool) -> list[str]:
+    return [os.path.join(CSRC, "dgr_ops.cpp")] + ([os.path.join(CSRC, "cuda", "dgr_ops.cu")] if with_cuda else [])
+
+
+def prefer_cuda_toolkit() -> None:
+    """torch guesses CUDA_HOME from nvcc on PATH, which can point at /usr/local; prefer /usr/local/cuda."""
+    if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def use_extension(x: torch.Tensor, impl: str | None = None) -> bool:
+    """Whether the fused op serves this call: impl allows it, the op is loaded and has a kernel for x's device."""
+    impl = impl or _ops["impl"]
+    if impl == "torch":
+        return False
+    if _ops["loaded"] is None:
+        _ops["loaded"] = load_extension(required=impl == "ext")
+    key = "CUDA" if x.is_cuda else "CPU"
+    if _ops["loaded"] and torch._C._dispatch_has_kernel_for_dispatch_key("dgr::gradient_penalty", key):
+        return True
+    if impl == "ext":
+        raise UsageError(f"--impl ext: the dgr ops have no {key} kernel here (rebuild: python setup.py build_ext --inplace)")
+    return False
+
+
+def load_extension(required: bool = False) -> bool:
+    """Load the ops: the built module dgr_ops if importable, else a JIT build of csrc/ (cached by torch);
+    on failure warn once and return False (the PyTorch references serve), or raise if required."""
+    import importlib
+    import warnings
+    try:
+        try:
+            importlib.import_module(EXTENSION_NAME)
+        except ImportError:
+            prefer_cuda_toolkit()
+            from torch.utils import cpp_extension
+            with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+            cpp_extension.load(EXTENSION_NAME, extension_sources(with_cuda), extra_cflags=["-O3"],
+                               extra_cuda_cflags=["-O3"], is_python_module=False)
+        register_op_python_parts()
+        return True
+    except Exception as e:  # compiler missing, build error, ABI mismatch
+        if required:
+            raise UsageError(f"--impl ext: the dgr extension could not be loaded or built: {e}") from None
+        warnings.warn(f"dgr: fused ops unavailable ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                      "using the PyTorch reference implementations", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def register_op_python_parts() -> None:
+    """Autograd formulas and fake (meta) kernels of the ops, so they train and trace under torch.compile."""
+    if getattr(register_op_python_parts, "done", False):
+        return
+    lib = torch.library
+
+    @lib.register_fake("dgr::gradient_penalty")
+    def _(grad, lam):
+        return grad.new_empty(())
+
+    @lib.register_fake("dgr::gradient_penalty_backward")
+    def _(grad_out, grad, lam):
+        return grad.new_empty(grad.shape)
+
+    @lib.register_fake("dgr::replay_loss_fwd")
+    def _(logits_real, labels, logits_replay, targets_replay, r):
+        return logits_real.new_empty(()), logits_real.new_empty(logits_real.shape), logits_replay.new_empty(logits_replay.shape)
+
+    def gp_setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.lam = inputs[1]
+
+    def gp_backward(ctx, grad_out):
+        grad, = ctx.saved_tensors
+        return torch.ops.dgr.gradient_penalty_backward(grad_out, grad, ctx.lam), None
+
+    def rl_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[1], output[2])     # d loss / d logits, made in the forward pass
+        ctx.mark_non_differentiable(output[1], output[2])
+
+    def rl_backward(ctx, grad_loss, _grad_d_real, _grad_d_replay):
+        d_real, d_replay = ctx.saved_tensors
+        return grad_loss * d_real, None, grad_loss * d_replay, None, None
+
+    lib.register_autograd("dgr::gradient_penalty", gp_backward, setup_context=gp_setup)
+    lib.register_autograd("dgr::replay_loss_fwd", rl_backward, setup_context=rl_setup)
+    register_op_python_parts.done = True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replay: where the x' of a variant come from, and the training steps.
+
+
+@dataclass
+class Replay:
+    """Replayed inputs for one task: 'gr' samples the old generator, 'er' draws stored real inputs of
+    past tasks, 'noise' draws Gaussian noise, 'current' reuses the current batch (LwF); 'none' nothing.
+    The old solver labels them (its head `head`)."""
+    kind: str = "none"
+    old: Scholar | None = None
+    pool: list = field(default_factory=list)    # ER: x_train of each past task
+    head: int = 0
+    soft: bool = False
+
+    def inputs(self, n: int, shape, current: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.kind == "gr":
+            return self.old.sample(n)
+        if self.kind == "er":
+            which = torch.randint(len(self.pool), (n,))
+            return torch.cat([p[torch.randint(len(p), (int((which == k).sum()),), device=p.device)]
+                              for k, p in enumerate(self.pool)])
+        if self.kind == "noise":
+            device = next(self.old.solver.parameters()).device
+            return torch.randn(n, *shape, device=device).clamp_(-1, 1)
+        if self.kind == "current":
+            return current
+        return None
+
+
+def random_batch(task: Task, n: int):
+    idx = torch.randint(len(task.x_train), (n,), device=task.x_train.device)
+    return task.x_train[idx], task.y_train[idx]
+
+
+def critic_step(s: Scholar, x_real: torch.Tensor, lam: float) -> torch.Tensor:
+    """One WGAN-GP critic step; the three critic inputs (real, fake, interpolated) go in one batch."""
+    n = len(x_real)
+    x_fake = s.sample(n)
+    eps = torch.rand(n, 1, 1, 1, device=x_real.device)
+    x_hat = (eps * x_real + (1 - eps) * x_fake).requires_grad_(True)
+    scores = s.critic(torch.cat([x_real, x_fake, x_hat]))
+    grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
+    loss = scores[n:2 * n].mean() - scores[:n].mean() + gradient_penalty(grad, lam)
+    s.critic_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.critic_opt.step()
+    return loss.detach()
+
+
+def generator_step(s: Scholar, n: int) -> torch.Tensor:
+    """One generator step: raise the critic's score of fresh samples."""
+    z = torch.randn(n, s.z_dim, device=next(s.generator.parameters()).device)
+    s.critic.requires_grad_(False)
+    loss = -s.critic(s.generator(z)).mean()
+    s.gen_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.gen_opt.step()
+    s.critic.requires_grad_(True)
+    return loss.detach()
+
+
+def generator_inputs(task: Task, replay: Replay, r: float, n: int) -> torch.Tensor:
+    """The generator's 'real' batch on task i: share r of real task-i inputs, 1-r of old-generator samples."""
+    n_real = n if replay.kind != "gr" else round(r * n)
+    x_real = random_batch(task, n_real)[0]
+    return x_real if n_real == n else torch.cat([x_real, replay.old.sample(n - n_real)])
+
+
+def solver_step(s: Scholar, task: Task, replay: Replay, r: float, batch: int) -> torch.Tensor:
+    """One solver step on r*CE(S(x), y) + (1-r)*CE(S(x'), S_old(x'))."""
+    x, y = random_batch(task, batch if r > 0 else 0)
+    x_rep = replay.inputs(batch, s.shape, current=x) if r < 1 else None
+    if x_rep is None:
+        x_rep, r = x[:0], 1.0
+    targets = replay.old.label(x_rep, replay.head, replay.soft) if len(x_rep) else y[:0]
+    if replay.head == task.head:   # one forward pass for both batches (the solver has no batch norm)
+        logits = s.solver(torch.cat([x, x_rep]), task.head)
+        logits_real, logits_rep = logits[:len(x)], logits[len(x):]
+    else:
+        logits_real, logits_rep = s.solver(x, task.head), s.solver(x_rep, replay.head)
+    loss = replay_loss(logits_real, y, logits_rep, targets, r)
+    s.solver_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.solver_opt.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def accuracy(solver: Solver, tasks: list[Task], chunk: int = 2000) -> list[float]:
+    """Test accuracy (%) on each task, each with its own head."""
+    was_training = solver.training
+    solver.eval()
+    accs = []
+    for t in tasks:
+        correct = sum(int((solver(x, t.head).argmax(1) == y).sum())
+                      for x, y in zip(t.x_test.split(chunk), t.y_test.split(chunk)))
+        accs.append(100.0 * correct / max(1, len(t.y_test)))
+    solver.train(was_training)
+    return accs
+
+
+class Progress:
+    """Progress lines with rate and ETA over a run's whole budget of steps."""
+
+    def __init__(self, label: str, total: int, quiet: bool = False):
+        self.label, self.total, self.done, self.quiet = label, max(1, total), 0, quiet
+        self.start = self.mark = time.time()
+        self.mark_done = 0
+
+    def advance(self, n: int = 1):
+        self.done += n
+
+    def line(self, text: str):
+        now = time.time()
+        rate = (self.done - self.mark_done) / max(1e-9, now - self.mark)
+        eta = (now - self.start) / max(1, self.done) * (self.total - self.done)
+        self.mark, self.mark_done = now, self.done
+        if not self.quiet:
+            print(f"{self.label} | {text} | {rate:.1f} it/s | ETA {fmt_seconds(eta)}", flush=True)
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def task_units(b: Budget, train_generator: bool, warmup: bool = False) -> int:
+    """Work of one task in solver-step units (a generator step with its critic steps counts n_critic+1)."""
+    return b.solver_iters + (b.warmup_iters if warmup else 0) + (b.gen_iters * (b.n_critic + 1) if train_generator else 0)
+
+
+def train_task(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, *, train_generator: bool = True,
+               eval_tasks: list[Task] = (), progress: Progress | None = None, on_samples=None,
+               step0: int = 0) -> list[dict]:
+    """Train scholar `s` on `task` with replay from the previous scholar; return the accuracy curve.
+
+    The solver takes b.solver_iters steps on r*CE(real) + (1-r)*CE(replayed); the generator (if any and
+    train_generator) takes b.gen_iters WGAN-GP steps on the r-mix of real inputs and old samples.
+    `on_samples(gen_step, samples)` is called at the generator steps listed in b.sample_at."""
+    progress = progress or Progress(task.name, task_units(b, train_generator), quiet=True)
+    curve = []
+    s.solver_opt = torch.optim.Adam(s.solver.parameters(), lr=b.solver_lr)   # fresh moments for each task
+    if b.warmup_iters and replay.kind != "none":
+        warm_up_head(s, task, b, progress)
+    for step in range(1, b.solver_iters + 1):
+        loss = solver_step(s, task, replay, r, b.batch)
+        progress.advance()
+        if step % b.eval_every == 0 or step == b.solver_iters:
+            accs = accuracy(s.solver, eval_tasks) if eval_tasks else []
+            avg = sum(accs) / max(1, len(accs))
+            curve.append({"task": task.name, "step": step0 + step, "acc": accs, "avg": avg, "loss": float(loss)})
+            progress.line(f"task {task.name} solver {step}/{b.solver_iters} loss {float(loss):.3f} | acc "
+                          + " ".join(f"{a:.1f}" for a in accs) + f" | avg {avg:.2f}")
+    if train_generator and s.generator is not None:
+        train_generator_on(s, task, replay, r, b, progress, on_samples)
+    return curve
+
+
+def warm_up_head(s: Scholar, task: Task, b: Budget, progress: Progress):
+    """LwF: train the new task's head alone on real data before fine-tuning everything."""
+    head = s.solver.heads[task.head]
+    opt = torch.optim.Adam(head.parameters(), lr=b.solver_lr)
+    for _ in range(b.warmup_iters):
+        x, y = random_batch(task, b.batch)
+        with torch.no_grad():
+            features = s.solver.trunk(x)
+        loss = F.cross_entropy(head(features), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress.advance()
+    progress.line(f"task {task.name} head warm-up {b.warmup_iters} steps loss {float(loss):.3f}")
+
+
+def train_generator_on(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, progress: Progress, on_samples=None):
+    log_every = max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
+    for step in range(1, b.gen_iters + 1):
+        for _ in range(b.n_critic):
+            critic_loss = critic_step(s, generator_inputs(task, replay, r, b.gen_batch), b.lam)
+        gen_loss = generator_step(s, b.gen_batch)
+        progress.advance(b.n_critic + 1)
+        if on_samples and step in b.sample_at:
+            on_samples(step, s.sample(SAMPLES_PER_ROW))
+        if step % log_every == 0 or step == b.gen_iters:
+            progress.line(f"task {task.name} generator {step}/{b.gen_iters} critic {float(critic_loss):.3f} "
+                          f"generator {float(gen_loss):.3f}")
+
+
+SAMPLES_PER_ROW = 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Experiments. Each run (experiment, variant, seed) returns a JSON-able dict; sample rows go to PNG.
+
+
+def replay_share(args: Args, i: int) -> float:
+    """Real-data share on task i (0-based): --r, or 1/(i+1) so that every task seen weighs the same."""
+    return 1.0 if i == 0 else (args.r if args.r is not None else 1.0 / (i + 1))
+
+
+def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str, *, n_heads: int = 1,
+                 samples_each_step: bool = False, samples_each_task: bool = False) -> dict:
+    """Learn tasks one after another with replay `kind`; accuracy on all tasks after each one."""
+    shape = tuple(tasks[0].x_train.shape[1:])
+    s = Scholar(shape, b, n_heads, with_generator=(kind == "gr")).to(tasks[0].x_train.device)
+    # the generator of the last task serves no later task; train it only when its samples are shown
+    needs_gen = [i < len(tasks) - 1 or samples_each_step or samples_each_task for i in range(len(tasks))]
+    progress = Progress(label, sum(task_units(b, kind == "gr" and g, i > 0) for i, g in enumerate(needs_gen)))
+    curves, acc_after, samples = [], [], {}
+    for i, task in enumerate(tasks):
+        replay = Replay()
+        if i > 0 and kind != "none":
+            replay = Replay(kind, s.frozen_copy(), [t.x_train for t in tasks[:i]], head=tasks[i - 1].head,
+                            soft=args.replay_targets == "soft")
+        task_b = b if i > 0 else dataclasses.replace(b, warmup_iters=0)
+        keep = (lambda step, x, i=i: samples.setdefault(f"task{i + 1}", []).append((step, x))) if samples_each_step else None
+        curves += train_task(s, task, replay, replay_share(args, i) if replay.kind != "none" else 1.0, task_b,
+                             train_generator=needs_gen[i], eval_tasks=tasks[:i + 1], progress=progress,
+                             on_samples=keep, step0=i * b.solver_iters)
+        acc_after.append(accuracy(s.solver, tasks))
+        if samples_each_task and s.generator is not None:
+            samples.setdefault("tasks", []).append((i + 1, s.sample(SAMPLES_PER_ROW)))
+    return {"tasks": [t.name for t in tasks], "curves": curves, "acc_after_task": acc_after,
+            "final": {"acc": acc_after[-1], "avg": sum(acc_after[-1]) / len(tasks)}, "samples": samples}
+
+
+def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: int = 5) -> dict:
+    """Table 1: scholar 1 learns MNIST; scholar k>1 learns only from scholar k-1's samples and labels."""
+    shape = tuple(task.x_train.shape[1:])
+    trains = [k == 0 or kind != "none" for k in range(links)]
+    progress = Progress(label, sum(task_units(b, kind == "gr" and k < links - 1) if t else 0 for k, t in enumerate(trains)))
+    prev, accs, curves, samples = None, [], [], {}
+    for k in range(links):
+        s = Scholar(shape, b, with_generator=(kind == "gr")).to(task.x_train.device)
+        replay = Replay() if k == 0 else Replay(kind, prev, [task.x_train], soft=args.replay_targets == "soft")
+        if trains[k]:
+            curves += train_task(s, task, replay, 1.0 if k == 0 else 0.0, b, train_generator=k < links - 1,
+                                 eval_tasks=[task], progress=progress, step0=k * b.solver_iters)
+        accs.append(accuracy(s.solver, [task])[0])
+        if s.generator is not None and k < links - 1:
+            samples.setdefault("links", []).append((k + 1, s.sample(SAMPLES_PER_ROW)))
+        prev = s.frozen_copy()
+    return {"tasks": [f"solver{k + 1}" for k in range(links)], "curves": curves, "acc_after_task": [accs],
+            "final": {"acc": accs, "avg": sum(accs) / links}, "samples": samples}
+
+
+def load_data(exp: str, args: Args, device) -> dict:
+    """The base datasets an experiment needs, loaded once for all its runs."""
+    if exp in ("chain", "permuted", "split"):
+        return {"mnist": load_mnist(args.data_dir, device)}
+    return {"mnist": load_mnist(args.data_dir, device, rgb32=True), "svhn": load_svhn(args.data_dir, device)}
+
+
+def run_one(exp: str, variant: str, seed: int, args: Args, data: dict, b: Budget) -> dict:
+    torch.manual_seed(seed)
+    names = LWF_NAMES if exp == "lwf" else VARIANT_NAMES
+    label = f"{exp} {names[variant]} seed {seed}"
+    if exp == "chain":
+        return run_chain(make_task("mnist", data["mnist"], b, seed), variant, args, b, label)
+    if exp == "permuted":
+        return run_sequence(permuted_tasks(data["mnist"], b, seed), variant, args, b, label)
+    if exp == "split":
+        return run_sequence(split_tasks(data["mnist"], b, seed), variant, args, b, label, samples_each_task=True)
+    if exp == "lwf":
+        tasks = [make_task("svhn", data["svhn"], b, seed, head=0), make_task("mnist", data["mnist"], b, seed, head=1)]
+        return run_sequence(tasks, "current" if variant == "none" else variant, args, b, label, n_heads=2)
+    first, second = exp.split("-")
+    tasks = [make_task(first, data[first], b, seed), make_task(second, data[second], b, seed)]
+    return run_sequence(tasks, variant, args, b, label, samples_each_step=True)
+
+
+def run_experiment(exp: str, args: Args, device) -> str:
+    """All variants and seeds of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
+    b = budget_for(args, exp)
+    data = load_data(exp, args, device)
+    folder = os.path.join(args.out, exp)
+    os.makedirs(folder, exist_ok=True)
+    names = LWF_NAMES if exp == "lwf" else VARIANT_NAMES
+    for variant in variant_list(args):
+        for seed in range(args.seeds):
+            start = time.time()
+            result = run_one(exp, variant, seed, args, data, b)
+            samples = result.pop("samples")
+            result.update(exp=exp, variant=variant, name=names[variant], seed=seed,
+                          wall_time_s=round(time.time() - start, 2), machine=machine_name(device),
+                          config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
+            stem = os.path.join(folder, f"{variant}_seed{seed}")
+            write_json(stem + ".json", result)
+            for key, rows in samples.items():
+                save_sample_rows([x for _, x in rows], f"{stem}_samples_{key}.png")
+            print(f"{exp} {names[variant]} seed {seed}: final avg {result['final']['avg']:.2f} % "
+                  f"in {fmt_seconds(result['wall_time_s'])} -> {stem}.json", flush=True)
+    plot_experiment(folder)
+    return write_summary(folder)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def machine_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures and tables, made from the results JSON in an experiment folder.
+
+
+def save_sample_rows(rows: list[torch.Tensor], path: str) -> None:
+    """Sample grid: one row per stage (task, link or generator step), images mapped from [-1, 1]."""
+    from torchvision.utils import save_image
+    grid = torch.cat([r[:SAMPLES_PER_ROW].detach().float().cpu() for r in rows])
+    save_image(grid, path, nrow=SAMPLES_PER_ROW, normalize=True, value_range=(-1, 1), pad_value=1.0)
+
+
+def load_results(folder: str) -> list[dict]:
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".json") and "_seed" in f)
+    results = []
+    for f in files:
+        with open(os.path.join(folder, f)) as fh:
+            results.append(json.load(fh))
+    return results
+
+
+def plot_experiment(folder: str) -> str:
+    """accuracy.png: one panel per variant (accuracy of each task during training), one with the averages."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results = [r for r in load_results(folder) if r["seed"] == 0] or load_results(folder)
+    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.4), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        for j, name in enumerate(res["tasks"]):
+            pts = [(c["step"], c["acc"][j]) for c in res["curves"] if len(c["acc"]) > j and res["exp"] != "chain"]
+            if res["exp"] == "chain":
+                pts = [(c["step"], c["acc"][0]) for c in res["curves"] if c["step"] // max(1, res["config"]["budget"]["solver_iters"] + 1) == j]
+            if pts:
+                ax.plot(*zip(*pts), label=name)
+        ax.set(title=res["name"], xlabel="solver step", ylabel="test accuracy (%)", ylim=(0, 100))
+        ax.legend(fontsize=7)
+    avg_ax = axes[0][-1]
+    for res in results:
+        if res["exp"] == "chain":
+            avg_ax.plot(range(1, len(res["final"]["acc"]) + 1), res["final"]["acc"], marker="o", label=res["name"])
+            avg_ax.set(xlabel="solver (generation)", title="Accuracy of each solver")
+        else:
+            avg_ax.plot([c["step"] for c in res["curves"]], [c["avg"] for c in res["curves"]], label=res["name"])
+            avg_ax.set(xlabel="solver step", title="Average over tasks seen")
+    avg_ax.set(ylabel="test accuracy (%)", ylim=(0, 100))
+    avg_ax.legend(fontsize=7)
+    fig.suptitle(os.path.basename(os.path.normpath(folder)))
+    fig.tight_layout()
+    path = os.path.join(folder, "accuracy.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def mean_sd(xs: list[float]) -> str:
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return f"{m:.2f} ± {sd:.2f}"
+
+
+def write_summary(folder: str) -> str:
+    """summary.md: final accuracy per task and average, mean ± sd over seeds, per variant."""
+    by_variant: dict[str, list[dict]] = {}
+    for res in load_results(folder):
+        by_variant.setdefault(res["variant"], []).append(res)
+    if not by_variant:
+        return ""
+    first = next(iter(by_variant.values()))[0]
+    cols = first["tasks"]
+    lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, {first['machine']})", "",
+             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |",
+             "|---" * (len(cols) + 4) + "|"]
+    for variant in [v for v in VARIANTS if v in by_variant]:
+        runs = by_variant[variant]
+        per_task = [mean_sd([r["final"]["acc"][j] for r in runs]) for j in range(len(cols))]
+        lines.append(f"| {runs[0]['name']} | {len(runs)} | " + " | ".join(per_task)
+                     + f" | {mean_sd([r['final']['avg'] for r in runs])} | {mean_sd([r['wall_time_s'] for r in runs])} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, "summary.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        device = resolve_device(args.device)
+        set_impl(args.impl)
+        summaries = [run_experiment(exp, args, device) for exp in (EXPERIMENTS if args.exp == "all" else (args.exp,))]
+    except UsageError as e:
+        print(f"dgr.py: error: {e}", file=sys.stderr)
+        return 2
+    if len(summaries) > 1:
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write("\n".join(summaries))
+    print("\n".join(summaries))
+    print(f"results, figures and summary.md are in {os.path.abspath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Reproduce every experiment of Shin et al. (2017): bash reproduce.sh [--quick]
+#   paper preset -> results/        (budgets in README.md; wants a GPU)
+#   --quick      -> results-quick/  (tiny budgets, a few minutes on a CPU)
+# Extra arguments go to dgr.py, e.g. bash reproduce.sh --seeds 5
+set -euo pipefail
+cd "$(dirname "$0")"
+preset=paper out=results
+if [[ "${1:-}" == "--quick" ]]; then preset=quick out=results-quick; shift; fi
+python -c "import torch, torchvision, scipy, matplotlib" 2>/dev/null || python -m pip install -r requirements.txt
+failed=()
+for exp in chain permuted split mnist-svhn svhn-mnist lwf; do
+  echo "== $exp ($preset preset) =="
+  python dgr.py --exp "$exp" --preset "$preset" --out "$out" "$@" || failed+=("$exp")
+done
+cat "$out"/*/summary.md > "$out/summary.md" 2>/dev/null || true
+echo "results (JSON per run), figures (PNG) and summary.md per experiment are in $out/"
+if (( ${#failed[@]} )); then
+  echo "failed: ${failed[*]} (see the message above each; SVHN must be in \$DGR_DATA/SVHN when offline)" >&2
+  exit 1
+fi

@@ -1,0 +1,59 @@
+"""Shared helpers: the real MNIST from $DGR_DATA, small SVHN-format .mat files, running dgr.py in a subprocess."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # tests import dgr.py from the checkout
+DATA = os.path.abspath(os.environ.get("DGR_DATA") or os.path.join(ROOT, "..", "shared", "data"))
+
+# torchvision's SVHN checks each file's md5; our small synthesized files fail it, so only that check is
+# replaced and the real loading path (scipy.io.loadmat, label 10 -> 0, NCHW) stays under test.
+SVHN_PATCH = ("import runpy, sys, torchvision.datasets as d; d.SVHN._check_integrity = lambda self: True; "
+              "sys.argv = ['dgr.py'] + sys.argv[1:]; runpy.run_path('dgr.py', run_name='__main__')")
+
+
+def run_dgr(*args, data_dir=DATA, patch_svhn=False, timeout=600):
+    """Run the real CLI in a subprocess; return the CompletedProcess (text output)."""
+    cmd = [sys.executable, "-c", SVHN_PATCH] if patch_svhn else [sys.executable, "dgr.py"]
+    env = {**os.environ, "DGR_DATA": data_dir, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def require_mnist():
+    raw = os.path.join(DATA, "MNIST", "raw")
+    if not os.path.exists(os.path.join(raw, "train-images-idx3-ubyte")):
+        pytest.fail(f"real MNIST not found in {raw}: set DGR_DATA to a folder holding MNIST/raw/*-ubyte")
+
+
+def write_fake_svhn(root, n_train=800, n_test=400, seed=0):
+    """SVHN-format .mat files (X: 32x32x3xN uint8, y: Nx1 with labels 1..10, 10 meaning digit 0) made
+    of real MNIST digits coloured on noisy backgrounds, so that a solver can learn them."""
+    import numpy as np
+    import scipy.io
+    import torch
+    from torchvision.datasets import MNIST
+    rng = np.random.default_rng(seed)
+    mnist = MNIST(DATA, train=True, download=False)
+    os.makedirs(os.path.join(root, "SVHN"), exist_ok=True)
+    for name, n in (("train_32x32.mat", n_train), ("test_32x32.mat", n_test)):
+        idx = rng.choice(len(mnist.data), n, replace=False)
+        digits = torch.nn.functional.pad(mnist.data[idx], (2, 2, 2, 2)).numpy().astype(np.float32) / 255.0
+        fg, bg = rng.uniform(0, 255, (n, 1, 1, 3)), rng.uniform(0, 255, (n, 1, 1, 3))
+        img = digits[..., None] * fg + (1 - digits[..., None]) * bg + rng.normal(0, 10, (n, 32, 32, 3))
+        labels = mnist.targets[idx].numpy()
+        scipy.io.savemat(os.path.join(root, "SVHN", name), {
+            "X": np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 3, 0),
+            "y": np.where(labels == 0, 10, labels).astype(np.uint8)[:, None]})
+    return root
+
+
+@pytest.fixture(scope="session")
+def svhn_data_dir(tmp_path_factory):
+    """A data root with the real MNIST (linked) and small SVHN-format files."""
+    require_mnist()
+    root = tmp_path_factory.mktemp("data")
+    os.symlink(os.path.join(DATA, "MNIST"), os.path.join(root, "MNIST"))
+    return str(write_fake_svhn(str(root)))

@@ -1,0 +1,200 @@
+"""The fused ops of csrc/ against the PyTorch references in dgr.py: forward, backward, opcheck, gradcheck,
+whole critic and solver steps, and the fallback when the extension cannot be built. CUDA cases run
+where a GPU is present (see README for the GPU run)."""
+import pytest
+import torch
+
+import dgr
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# bf16/fp16 results are compared with the float64 reference at these relative tolerances
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    assert dgr.load_extension(required=True)   # built by `python setup.py build_ext --inplace` (or JIT)
+    dgr._ops["loaded"] = True
+
+
+def dtypes_for(device):
+    return [torch.float32] + ([torch.bfloat16, torch.float16] if device == "cuda" else [])
+
+
+def close(a, b, dtype):
+    tol = TOL[dtype]
+    return torch.allclose(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+def gp_both(g, lam=10.0):
+    """(value, grad) of the op on g and of the float64 reference on the same numbers."""
+    out = []
+    for impl, x in (("ext", g.detach().clone()), ("torch", g.detach().double())):
+        x.requires_grad_(True)
+        loss = dgr.gradient_penalty(x, lam, impl=impl)
+        out.append((loss.detach(), torch.autograd.grad(loss, x)[0]))
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+@pytest.mark.parametrize("batch", [1, 7, 64, 1024])
+def test_gradient_penalty_matches_reference(device, shape, batch):
+    for dtype in dtypes_for(device):
+        g = torch.randn(batch, *shape, device=device).mul_(0.03).to(dtype)   # norms around 1
+        (v, dg), (v_ref, dg_ref) = gp_both(g)
+        assert v.dtype == dtype and dg.dtype == dtype and dg.shape == g.shape
+        assert close(v, v_ref, dtype), (dtype, v, v_ref)
+        assert close(dg, dg_ref, dtype), (dtype, (dg.double() - dg_ref).abs().max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_penalty_non_contiguous_and_zero_row(device):
+    g = torch.randn(16, 32, 32, 3, device=device).permute(0, 3, 1, 2)    # channels-last view
+    g = g[::2]                                                          # and every other sample
+    g[3] = 0.0                                                          # a zero-gradient row
+    assert not g.is_contiguous()
+    (v, dg), (v_ref, dg_ref) = gp_both(g)
+    assert close(v, v_ref, torch.float32) and close(dg, dg_ref, torch.float32)
+    assert (dg[3] == 0).all()    # defined as 0 at ||g_b|| = 0, as torch's norm backward gives
+    assert dgr.gradient_penalty(g[:0], 10.0, impl="ext").item() == 0.0
+
+
+def replay_inputs(device, n_real, n_replay, soft, dtype=torch.float32, classes=10):
+    lr = torch.randn(n_real, 2 * classes, device=device, dtype=dtype)[:, ::2]   # non-contiguous
+    lp = torch.randn(n_replay, classes, device=device, dtype=dtype) * 3
+    y = torch.randint(classes, (n_real,), device=device)
+    t = (torch.randn(n_replay, classes, device=device).softmax(1).to(dtype) if soft
+         else torch.randint(classes, (n_replay,), device=device))
+    return lr, y, lp, t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("n_real,n_replay", [(64, 64), (128, 0), (0, 64), (1, 1024), (1024, 300), (0, 0)])
+def test_replay_loss_matches_reference(device, soft, n_real, n_replay):
+    for dtype in dtypes_for(device):
+        lr, y, lp, t = replay_inputs(device, n_real, n_replay, soft, dtype)
+        for r in (0.0, 0.25, 1.0):
+            results = []
+            for impl, cast in (("ext", lambda z: z.detach().clone()), ("torch", lambda z: z.detach().double())):
+                a, b = cast(lr).requires_grad_(True), cast(lp).requires_grad_(True)
+                loss = dgr.replay_loss(a, y, b, t.double() if soft and impl == "torch" else t, r, impl=impl)
+                grads = torch.autograd.grad(loss, (a, b), allow_unused=True, materialize_grads=True) \
+                    if loss.requires_grad else (torch.zeros_like(a), torch.zeros_like(b))
+                results.append((loss.detach(), *grads))
+            for got, want in zip(*results):
+                assert close(got, want, dtype), (dtype, r, got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    from torch.library import opcheck
+    g = torch.randn(8, 3, 32, 32, device=device, requires_grad=True)
+    opcheck(torch.ops.dgr.gradient_penalty.default, (g, 10.0))
+    opcheck(torch.ops.dgr.gradient_penalty_backward.default, (torch.tensor(1.0, device=device), g.detach(), 10.0))
+    for soft in (False, True):
+        lr, y, lp, t = replay_inputs(device, 16, 8, soft)
+        opcheck(torch.ops.dgr.replay_loss_fwd.default, (lr.requires_grad_(), y, lp.requires_grad_(), t, 0.4))
+
+
+def test_gradcheck_float64():
+    g = torch.randn(5, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: torch.ops.dgr.gradient_penalty(x, 3.0), (g,))
+    for soft in (False, True):
+        lr, y, lp, t = replay_inputs("cpu", 6, 5, soft, torch.float64)
+        lr, lp = lr.detach().requires_grad_(), lp.detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, b: torch.ops.dgr.replay_loss_fwd(a, y, b, t, 0.3)[0], (lr, lp))
+
+
+def test_bad_inputs_get_clear_messages():
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.ops.dgr.gradient_penalty(torch.ones(3, 4, dtype=torch.long), 1.0)
+    lr, y, lp, t = replay_inputs("cpu", 4, 4, False)
+    with pytest.raises(RuntimeError, match="labels must be int64"):
+        torch.ops.dgr.replay_loss_fwd(lr, y[:3], lp, t, 0.5)
+    with pytest.raises(RuntimeError, match="targets_replay must be"):
+        torch.ops.dgr.replay_loss_fwd(lr, y, lp, t.float(), 0.5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.dgr.replay_loss_fwd(lr, y, lp, t + 10, 0.5)
+
+
+def test_works_under_torch_compile():
+    """The fake kernels let torch.compile trace through both ops without a graph break."""
+    def step(g, lr, y, lp, t):
+        return dgr.gradient_penalty(g, 10.0, impl="ext") + dgr.replay_loss(lr, y, lp, t, 0.5, impl="ext")
+    args = (torch.randn(8, 1, 28, 28), *replay_inputs("cpu", 8, 8, True))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(*args), step(*args))
+
+
+# ---------------------------------------------------------------------------------------------- whole steps
+
+def step_grads(kind, impl, device, seed=0):
+    """Parameter gradients of one critic step (double backprop through the penalty) or one solver step."""
+    torch.manual_seed(seed)
+    b = dgr.Budget(width=8, hidden=32)
+    s = dgr.Scholar((1, 28, 28), b).to(device)
+    x = torch.rand(16, 1, 28, 28, device=device) * 2 - 1
+    y = torch.randint(10, (16,), device=device)
+    dgr.set_impl(impl)
+    try:
+        if kind == "critic":
+            s.critic_opt.step = lambda: None           # keep the gradients, skip the update
+            dgr.critic_step(s, x, 10.0)
+            return [p.grad.clone() for p in s.critic.parameters()]
+        task = dgr.Task("t", x, y, x, y)
+        old = s.frozen_copy()
+        s.solver_opt.step = lambda: None
+        dgr.solver_step(s, task, dgr.Replay("gr", old, soft=True), 0.5, 16)
+        return [p.grad.clone() for p in s.solver.parameters()]
+    finally:
+        dgr.set_impl("auto")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["critic", "solver"])
+def test_whole_step_same_gradients(kind, device):
+    ext, ref = step_grads(kind, "ext", device), step_grads(kind, "torch", device)
+    for a, b in zip(ext, ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+def test_experiments_same_results_with_ext_and_torch(tmp_path):
+    """A short split run (every variant's code path: GR trains the generator too) agrees across impls."""
+    from conftest import DATA, require_mnist
+    require_mnist()
+    results = {}
+    for impl in ("ext", "torch"):
+        args = dgr.parse_args(["--exp", "split", "--preset", "quick", "--data-dir", DATA, "--impl", impl])
+        dgr.set_impl(impl)
+        b = dgr.Budget(**{**dgr.QUICK_COMMON, "solver_iters": 40, "gen_iters": 6, "eval_every": 20})
+        data = dgr.load_data("split", args, torch.device("cpu"))
+        for variant in ("gr", "er"):
+            torch.manual_seed(0)
+            res = dgr.run_sequence(dgr.split_tasks(data["mnist"], b, 0), variant, args, b, "t")
+            results[impl, variant] = res
+    dgr.set_impl("auto")
+    for variant in ("gr", "er"):
+        a, b = results["ext", variant], results["torch", variant]
+        for ca, cb in zip(a["curves"], b["curves"]):
+            assert ca["loss"] == pytest.approx(cb["loss"], rel=1e-3, abs=1e-4)
+            assert ca["acc"] == pytest.approx(cb["acc"], abs=0.3)
+
+
+# ---------------------------------------------------------------------------------------------- fallback
+
+def test_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch):
+    (tmp_path / "dgr_ops.cpp").write_text("#error this build is broken on purpose\n")
+    monkeypatch.setattr(dgr, "EXTENSION_NAME", "dgr_ops_broken_for_test")
+    monkeypatch.setattr(dgr, "CSRC", str(tmp_path))
+    monkeypatch.setitem(dgr._ops, "loaded", None)
+    g = torch.randn(8, 1, 28, 28)
+    with pytest.warns(RuntimeWarning, match="fused ops unavailable") as record:
+        first = dgr.gradient_penalty(g, 10.0)
+        second = dgr.gradient_penalty(g, 10.0)
+    assert len(record) == 1
+    assert first == second == dgr.gradient_penalty_ref(g, 10.0)
+    monkeypatch.setitem(dgr._ops, "loaded", None)
+    with pytest.raises(dgr.UsageError, match="could not be loaded or built"):
+        dgr.gradient_penalty(g, 10.0, impl="ext")
