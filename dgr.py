@@ -46,8 +46,8 @@ class UsageError(Exception):
 
 @dataclass
 class Args:
-    exp: str = field(default="permuted", metadata={"help": "experiment: " + ", ".join(EXPERIMENTS) + ", all",
-                                                   "choices": EXPERIMENTS + ("all",)})
+    exp: str = field(default="permuted", metadata={"help": "experiment: " + ", ".join(EXPERIMENTS) + ", all, or bench (timings)",
+                                                   "choices": EXPERIMENTS + ("all", "bench")})
     variants: str = field(default="gr,er,noise,none", metadata={"help": "comma-separated replay variants among gr,er,noise,none"})
     preset: str = field(default="paper", metadata={"help": "training budgets: paper (as in the README) or quick (CPU smoke run)",
                                                    "choices": ("paper", "quick")})
@@ -64,15 +64,22 @@ class Args:
     solver_iters: int = field(default=0, metadata={"help": "solver steps per task (0: preset's)"})
     gen_iters: int = field(default=0, metadata={"help": "generator steps per task, each after 5 critic steps (0: preset's)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate and print a progress line every k solver steps (0: preset's)"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "also checkpoint every k solver or generator steps inside a task (0: task boundaries only)"})
+    resume: bool = field(default=False, metadata={"help": "continue killed runs from their checkpoints in --out; skip finished ones"})
+    overwrite: bool = field(default=False, metadata={"help": "replace results and checkpoints already in --out"})
+    detect_anomaly: bool = field(default=False, metadata={"help": "torch.autograd anomaly detection (slow; for debugging NaNs)"})
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(prog="dgr.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
         kind = float if f.name == "r" else type(f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                            choices=f.metadata.get("choices"), help=f.metadata["help"])
+        parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=f.metadata["help"])
     args = Args(**vars(parser.parse_args(argv)))
     args.data_dir = args.data_dir or os.environ.get("DGR_DATA", "./data")
     check_args(args)
@@ -87,7 +94,9 @@ def check_args(args: Args) -> None:
         raise UsageError(f"--r must lie in [0, 1], got {args.r}")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
-    for name in ("tasks", "solver_iters", "gen_iters", "eval_every"):
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    for name in ("tasks", "solver_iters", "gen_iters", "eval_every", "checkpoint_every"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
@@ -391,7 +400,7 @@ def replay_loss(logits_real, labels, logits_replay, targets_replay, r: float, im
 EXTENSION_NAME = "dgr_ops"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 IMPLS = ("auto", "ext", "torch")
-_ops = {"impl": "auto", "loaded": None}   # loaded: None (not tried yet), True, False
+_ops = {"impl": "auto", "loaded": None, "kernels": {}}   # loaded: None (not tried yet), True, False
 
 
 def set_impl(impl: str) -> None:
@@ -419,7 +428,7 @@ def use_extension(x: torch.Tensor, impl: str | None = None) -> bool:
     if _ops["loaded"] is None:
         _ops["loaded"] = load_extension(required=impl == "ext")
     key = "CUDA" if x.is_cuda else "CPU"
-    if _ops["loaded"] and torch._C._dispatch_has_kernel_for_dispatch_key("dgr::gradient_penalty", key):
+    if _ops["loaded"] and _ops["kernels"][key]:
         return True
     if impl == "ext":
         raise UsageError(f"--impl ext: the dgr ops have no {key} kernel here (rebuild: python setup.py build_ext --inplace)")
@@ -441,6 +450,8 @@ def load_extension(required: bool = False) -> bool:
             cpp_extension.load(EXTENSION_NAME, extension_sources(with_cuda), extra_cflags=["-O3"],
                                extra_cuda_cflags=["-O3"], is_python_module=False)
         register_op_python_parts()
+        _ops["kernels"] = {key: torch._C._dispatch_has_kernel_for_dispatch_key("dgr::gradient_penalty", key)
+                           for key in ("CPU", "CUDA")}
         return True
     except Exception as e:  # compiler missing, build error, ABI mismatch
         if required:
@@ -621,31 +632,115 @@ def task_units(b: Budget, train_generator: bool, warmup: bool = False) -> int:
     return b.solver_iters + (b.warmup_iters if warmup else 0) + (b.gen_iters * (b.n_critic + 1) if train_generator else 0)
 
 
+class Diverged(Exception):
+    """A non-finite loss: the run stops (after its last checkpoint) rather than poison what follows."""
+
+
+def check_finite(progress: "Progress", where: str, **losses) -> None:
+    for name, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise Diverged(f"{progress.label}: non-finite {name} loss ({float(value)}) at {where}")
+
+
+class Checkpoint:
+    """A run's checkpoint file, written atomically (temp file + rename) at every task boundary and every
+    `every` steps inside a task. `snapshot()` (set by the run) returns what the run has learnt so far."""
+
+    def __init__(self, path: str | None = None, every: int = 0, fingerprint: dict | None = None):
+        self.path, self.every, self.fingerprint = path, every, fingerprint or {}
+        self.stage, self.snapshot = 0, dict
+
+    def due(self, step: int) -> bool:
+        return bool(self.path and self.every and step % self.every == 0)
+
+    def save(self, phase: str, step: int, stage: int | None = None) -> None:
+        if not self.path:
+            return
+        state = {"fingerprint": self.fingerprint, "rng": rng_state(), **self.snapshot(),
+                 "position": {"stage": self.stage if stage is None else stage, "phase": phase, "step": step}}
+        tmp = self.path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict | None:
+        """The saved state, None if there is none; UsageError if it is unreadable or from another run."""
+        if not self.path or not os.path.exists(self.path):
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            saved = state["fingerprint"]
+        except Exception as e:
+            raise UsageError(f"checkpoint {self.path} is unreadable ({type(e).__name__}); delete it or pass --overwrite") from None
+        if saved != self.fingerprint:
+            raise UsageError(f"checkpoint {self.path} belongs to another run (differs in: {fingerprint_diff(saved, self.fingerprint)}); "
+                             "pass --overwrite to start afresh or choose another --out")
+        return state
+
+
+def fingerprint_diff(a: dict, b: dict) -> str:
+    keys = sorted(set(a) | set(b))
+    return ", ".join(f"{k} {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)) or "nothing"
+
+
+def rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def scholar_state(s: Scholar) -> dict:
+    opts = {name: getattr(s, name).state_dict() for name in ("solver_opt", "gen_opt", "critic_opt") if hasattr(s, name)}
+    return {"model": s.state_dict(), **opts}
+
+
+def load_scholar_state(s: Scholar, state: dict) -> Scholar:
+    s.load_state_dict(state["model"])
+    for name, opt_state in state.items():
+        if name != "model":
+            getattr(s, name).load_state_dict(opt_state)
+    return s
+
+
 def train_task(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, *, train_generator: bool = True,
-               eval_tasks: list[Task] = (), progress: Progress | None = None, on_samples=None,
-               step0: int = 0) -> list[dict]:
+               eval_tasks: list[Task] = (), progress: Progress | None = None, on_samples=None, step0: int = 0,
+               curves: list | None = None, checkpoint: Checkpoint | None = None, start: dict | None = None) -> list[dict]:
     """Train scholar `s` on `task` with replay from the previous scholar; return the accuracy curve.
 
     The solver takes b.solver_iters steps on r*CE(real) + (1-r)*CE(replayed); the generator (if any and
     train_generator) takes b.gen_iters WGAN-GP steps on the r-mix of real inputs and old samples.
-    `on_samples(gen_step, samples)` is called at the generator steps listed in b.sample_at."""
+    `on_samples(gen_step, samples)` is called at the generator steps listed in b.sample_at. Evaluation
+    points go to `curves`; `checkpoint` is saved every checkpoint.every steps, `start` ({phase, step})
+    continues a task from such a checkpoint."""
     progress = progress or Progress(task.name, task_units(b, train_generator), quiet=True)
-    curve = []
-    s.solver_opt = torch.optim.Adam(s.solver.parameters(), lr=b.solver_lr)   # fresh moments for each task
-    if b.warmup_iters and replay.kind != "none":
-        warm_up_head(s, task, b, progress)
-    for step in range(1, b.solver_iters + 1):
-        loss = solver_step(s, task, replay, r, b.batch)
-        progress.advance()
-        if step % b.eval_every == 0 or step == b.solver_iters:
-            accs = accuracy(s.solver, eval_tasks) if eval_tasks else []
-            avg = sum(accs) / max(1, len(accs))
-            curve.append({"task": task.name, "step": step0 + step, "acc": accs, "avg": avg, "loss": float(loss)})
-            progress.line(f"task {task.name} solver {step}/{b.solver_iters} loss {float(loss):.3f} | acc "
-                          + " ".join(f"{a:.1f}" for a in accs) + f" | avg {avg:.2f}")
+    checkpoint = checkpoint or Checkpoint()
+    curves = [] if curves is None else curves
+    phase, done = (start or {}).get("phase", "start"), (start or {}).get("step", 0)
+    if phase == "start":
+        s.solver_opt = torch.optim.Adam(s.solver.parameters(), lr=b.solver_lr)   # fresh moments for each task
+        if b.warmup_iters and replay.kind != "none":
+            warm_up_head(s, task, b, progress)
+        phase, done = "solver", 0
+    if phase == "solver":
+        for step in range(done + 1, b.solver_iters + 1):
+            loss = solver_step(s, task, replay, r, b.batch)
+            progress.advance()
+            if step % b.eval_every == 0 or step == b.solver_iters:
+                check_finite(progress, f"task {task.name} solver step {step}", solver=loss)
+                accs = accuracy(s.solver, eval_tasks) if eval_tasks else []
+                avg = sum(accs) / max(1, len(accs))
+                curves.append({"task": task.name, "step": step0 + step, "acc": accs, "avg": avg, "loss": float(loss)})
+                progress.line(f"task {task.name} solver {step}/{b.solver_iters} loss {float(loss):.3f} | acc "
+                              + " ".join(f"{a:.1f}" for a in accs) + f" | avg {avg:.2f}")
+            if checkpoint.due(step):
+                checkpoint.save("solver", step)
+        phase, done = "generator", 0
     if train_generator and s.generator is not None:
-        train_generator_on(s, task, replay, r, b, progress, on_samples)
-    return curve
+        train_generator_on(s, task, replay, r, b, progress, on_samples, first=done + 1, checkpoint=checkpoint)
+    return curves
 
 
 def warm_up_head(s: Scholar, task: Task, b: Budget, progress: Progress):
@@ -661,12 +756,14 @@ def warm_up_head(s: Scholar, task: Task, b: Budget, progress: Progress):
         loss.backward()
         opt.step()
         progress.advance()
+    check_finite(progress, f"task {task.name} head warm-up", warm_up=loss)
     progress.line(f"task {task.name} head warm-up {b.warmup_iters} steps loss {float(loss):.3f}")
 
 
-def train_generator_on(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, progress: Progress, on_samples=None):
+def train_generator_on(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, progress: Progress, on_samples=None,
+                       first: int = 1, checkpoint: Checkpoint | None = None):
     log_every = max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
-    for step in range(1, b.gen_iters + 1):
+    for step in range(first, b.gen_iters + 1):
         for _ in range(b.n_critic):
             critic_loss = critic_step(s, generator_inputs(task, replay, r, b.gen_batch), b.lam)
         gen_loss = generator_step(s, b.gen_batch)
@@ -674,8 +771,11 @@ def train_generator_on(s: Scholar, task: Task, replay: Replay, r: float, b: Budg
         if on_samples and step in b.sample_at:
             on_samples(step, s.sample(SAMPLES_PER_ROW))
         if step % log_every == 0 or step == b.gen_iters:
+            check_finite(progress, f"task {task.name} generator step {step}", critic=critic_loss, generator=gen_loss)
             progress.line(f"task {task.name} generator {step}/{b.gen_iters} critic {float(critic_loss):.3f} "
                           f"generator {float(gen_loss):.3f}")
+        if checkpoint and checkpoint.due(step):
+            checkpoint.save("generator", step)
 
 
 SAMPLES_PER_ROW = 10
@@ -691,49 +791,92 @@ def replay_share(args: Args, i: int) -> float:
 
 
 def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str, *, n_heads: int = 1,
-                 samples_each_step: bool = False, samples_each_task: bool = False) -> dict:
+                 samples_each_step: bool = False, samples_each_task: bool = False,
+                 checkpoint: Checkpoint | None = None) -> dict:
     """Learn tasks one after another with replay `kind`; accuracy on all tasks after each one."""
     shape = tuple(tasks[0].x_train.shape[1:])
     s = Scholar(shape, b, n_heads, with_generator=(kind == "gr")).to(tasks[0].x_train.device)
     # the generator of the last task serves no later task; train it only when its samples are shown
     needs_gen = [i < len(tasks) - 1 or samples_each_step or samples_each_task for i in range(len(tasks))]
-    progress = Progress(label, sum(task_units(b, kind == "gr" and g, i > 0) for i, g in enumerate(needs_gen)))
-    curves, acc_after, samples = [], [], {}
-    for i, task in enumerate(tasks):
+    units = [task_units(b, kind == "gr" and g, i > 0) for i, g in enumerate(needs_gen)]
+    run = {"curves": [], "acc_after": [], "samples": {}, "old": None}
+    checkpoint, pos = resume_run(checkpoint, s, run)
+    progress = Progress(label, sum(units))
+    progress.advance(sum(units[:pos["stage"]]))
+    for i in range(pos["stage"], len(tasks)):
+        task, checkpoint.stage = tasks[i], i
+        start = pos if i == pos["stage"] else {"phase": "start", "step": 0}
+        if start["phase"] == "start":
+            run["old"] = s.frozen_copy() if i > 0 and kind != "none" else None
         replay = Replay()
-        if i > 0 and kind != "none":
-            replay = Replay(kind, s.frozen_copy(), [t.x_train for t in tasks[:i]], head=tasks[i - 1].head,
+        if run["old"] is not None:
+            replay = Replay(kind, run["old"], [t.x_train for t in tasks[:i]], head=tasks[i - 1].head,
                             soft=args.replay_targets == "soft")
         task_b = b if i > 0 else dataclasses.replace(b, warmup_iters=0)
-        keep = (lambda step, x, i=i: samples.setdefault(f"task{i + 1}", []).append((step, x))) if samples_each_step else None
-        curves += train_task(s, task, replay, replay_share(args, i) if replay.kind != "none" else 1.0, task_b,
-                             train_generator=needs_gen[i], eval_tasks=tasks[:i + 1], progress=progress,
-                             on_samples=keep, step0=i * b.solver_iters)
-        acc_after.append(accuracy(s.solver, tasks))
+        keep = (lambda step, x, i=i: run["samples"].setdefault(f"task{i + 1}", []).append((step, x))) if samples_each_step else None
+        train_task(s, task, replay, replay_share(args, i) if replay.kind != "none" else 1.0, task_b,
+                   train_generator=needs_gen[i], eval_tasks=tasks[:i + 1], progress=progress, on_samples=keep,
+                   step0=i * b.solver_iters, curves=run["curves"], checkpoint=checkpoint, start=start)
+        run["acc_after"].append(accuracy(s.solver, tasks))
         if samples_each_task and s.generator is not None:
-            samples.setdefault("tasks", []).append((i + 1, s.sample(SAMPLES_PER_ROW)))
-    return {"tasks": [t.name for t in tasks], "curves": curves, "acc_after_task": acc_after,
-            "final": {"acc": acc_after[-1], "avg": sum(acc_after[-1]) / len(tasks)}, "samples": samples}
+            run["samples"].setdefault("tasks", []).append((i + 1, s.sample(SAMPLES_PER_ROW)))
+        run["old"] = None
+        checkpoint.save("start", 0, stage=i + 1)
+    final = run["acc_after"][-1]
+    return {"tasks": [t.name for t in tasks], "curves": run["curves"], "acc_after_task": run["acc_after"],
+            "final": {"acc": final, "avg": sum(final) / len(tasks)}, "samples": run["samples"]}
 
 
-def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: int = 5) -> dict:
+def resume_run(checkpoint: Checkpoint | None, s: Scholar, run: dict) -> tuple[Checkpoint, dict]:
+    """Hook the run's state (scholar `s`, the dict `run`, its run["old"] scholar) to the checkpoint and,
+    if one was saved, load it into them; return the checkpoint and the position to continue from."""
+    checkpoint = checkpoint or Checkpoint()
+    checkpoint.snapshot = lambda: {"scholar": scholar_state(s), "run": {
+        **run, "old": run["old"].state_dict() if run["old"] is not None else None}}
+    saved = checkpoint.load()
+    if saved is None:
+        return checkpoint, {"stage": 0, "phase": "start", "step": 0}
+    load_scholar_state(s, saved["scholar"])
+    old_state = saved["run"].pop("old")
+    run.update(saved["run"])
+    if old_state is not None:
+        run["old"] = s.frozen_copy()
+        run["old"].load_state_dict(old_state)
+    set_rng_state(saved["rng"])
+    print(f"resuming from {checkpoint.path} at task {saved['position']['stage'] + 1}, "
+          f"{saved['position']['phase']} step {saved['position']['step']}", flush=True)
+    return checkpoint, saved["position"]
+
+
+def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: int = 5,
+              checkpoint: Checkpoint | None = None) -> dict:
     """Table 1: scholar 1 learns MNIST; scholar k>1 learns only from scholar k-1's samples and labels."""
     shape = tuple(task.x_train.shape[1:])
     trains = [k == 0 or kind != "none" for k in range(links)]
-    progress = Progress(label, sum(task_units(b, kind == "gr" and k < links - 1) if t else 0 for k, t in enumerate(trains)))
-    prev, accs, curves, samples = None, [], [], {}
-    for k in range(links):
-        s = Scholar(shape, b, with_generator=(kind == "gr")).to(task.x_train.device)
-        replay = Replay() if k == 0 else Replay(kind, prev, [task.x_train], soft=args.replay_targets == "soft")
+    units = [task_units(b, kind == "gr" and k < links - 1) if t else 0 for k, t in enumerate(trains)]
+    new_scholar = lambda: Scholar(shape, b, with_generator=(kind == "gr")).to(task.x_train.device)
+    s = new_scholar()
+    run = {"curves": [], "acc_after": [[]], "samples": {}, "old": None}   # "old": the previous link's scholar
+    checkpoint, pos = resume_run(checkpoint, s, run)
+    progress = Progress(label, sum(units))
+    progress.advance(sum(units[:pos["stage"]]))
+    for k in range(pos["stage"], links):
+        checkpoint.stage = k
+        start = pos if k == pos["stage"] else {"phase": "start", "step": 0}
+        if k > 0 and start["phase"] == "start":
+            s = new_scholar()   # each link learns from scratch
+        replay = Replay() if k == 0 else Replay(kind, run["old"], [task.x_train], soft=args.replay_targets == "soft")
         if trains[k]:
-            curves += train_task(s, task, replay, 1.0 if k == 0 else 0.0, b, train_generator=k < links - 1,
-                                 eval_tasks=[task], progress=progress, step0=k * b.solver_iters)
-        accs.append(accuracy(s.solver, [task])[0])
+            train_task(s, task, replay, 1.0 if k == 0 else 0.0, b, train_generator=k < links - 1, eval_tasks=[task],
+                       progress=progress, step0=k * b.solver_iters, curves=run["curves"], checkpoint=checkpoint, start=start)
+        run["acc_after"][0].append(accuracy(s.solver, [task])[0])
         if s.generator is not None and k < links - 1:
-            samples.setdefault("links", []).append((k + 1, s.sample(SAMPLES_PER_ROW)))
-        prev = s.frozen_copy()
-    return {"tasks": [f"solver{k + 1}" for k in range(links)], "curves": curves, "acc_after_task": [accs],
-            "final": {"acc": accs, "avg": sum(accs) / links}, "samples": samples}
+            run["samples"].setdefault("links", []).append((k + 1, s.sample(SAMPLES_PER_ROW)))
+        run["old"] = s.frozen_copy()
+        checkpoint.save("start", 0, stage=k + 1)
+    accs = run["acc_after"][0]
+    return {"tasks": [f"solver{k + 1}" for k in range(links)], "curves": run["curves"], "acc_after_task": [accs],
+            "final": {"acc": accs, "avg": sum(accs) / links}, "samples": run["samples"]}
 
 
 def load_data(exp: str, args: Args, device) -> dict:
@@ -743,53 +886,103 @@ def load_data(exp: str, args: Args, device) -> dict:
     return {"mnist": load_mnist(args.data_dir, device, rgb32=True), "svhn": load_svhn(args.data_dir, device)}
 
 
-def run_one(exp: str, variant: str, seed: int, args: Args, data: dict, b: Budget) -> dict:
+def run_one(exp: str, variant: str, seed: int, args: Args, data: dict, b: Budget,
+            checkpoint: Checkpoint | None = None) -> dict:
+    """One run (experiment, variant, seed) from scratch, or from `checkpoint` if it holds one."""
     torch.manual_seed(seed)
     names = LWF_NAMES if exp == "lwf" else VARIANT_NAMES
-    label = f"{exp} {names[variant]} seed {seed}"
+    label, ck = f"{exp} {names[variant]} seed {seed}", {"checkpoint": checkpoint}
     if exp == "chain":
-        return run_chain(make_task("mnist", data["mnist"], b, seed), variant, args, b, label)
+        return run_chain(make_task("mnist", data["mnist"], b, seed), variant, args, b, label, **ck)
     if exp == "permuted":
-        return run_sequence(permuted_tasks(data["mnist"], b, seed), variant, args, b, label)
+        return run_sequence(permuted_tasks(data["mnist"], b, seed), variant, args, b, label, **ck)
     if exp == "split":
-        return run_sequence(split_tasks(data["mnist"], b, seed), variant, args, b, label, samples_each_task=True)
+        return run_sequence(split_tasks(data["mnist"], b, seed), variant, args, b, label, samples_each_task=True, **ck)
     if exp == "lwf":
         tasks = [make_task("svhn", data["svhn"], b, seed, head=0), make_task("mnist", data["mnist"], b, seed, head=1)]
-        return run_sequence(tasks, "current" if variant == "none" else variant, args, b, label, n_heads=2)
+        return run_sequence(tasks, "current" if variant == "none" else variant, args, b, label, n_heads=2, **ck)
     first, second = exp.split("-")
     tasks = [make_task(first, data[first], b, seed), make_task(second, data[second], b, seed)]
-    return run_sequence(tasks, variant, args, b, label, samples_each_step=True)
+    return run_sequence(tasks, variant, args, b, label, samples_each_step=True, **ck)
+
+
+def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget) -> dict:
+    """What makes two runs the same run: a checkpoint or result resumes only under the same fingerprint."""
+    return json.loads(json.dumps({"exp": exp, "variant": variant, "seed": seed, "preset": args.preset, "r": args.r,
+                                  "replay_targets": args.replay_targets, **dataclasses.asdict(b)}))   # as JSON has it
+
+
+def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, int, str, Checkpoint]]:
+    """The runs to do, each (variant, seed, stem, checkpoint); checks what --out already holds first,
+    so that a refusal (exit 2) happens before anything in it is overwritten."""
+    runs, held = [], []
+    for variant in variant_list(args):
+        for seed in range(args.seeds):
+            stem = os.path.join(folder, f"{variant}_seed{seed}")
+            fingerprint = run_fingerprint(exp, variant, seed, args, b)
+            checkpoint = Checkpoint(stem + ".ckpt", args.checkpoint_every, fingerprint)
+            done = os.path.exists(stem + ".json")
+            if (done or os.path.exists(checkpoint.path)) and not args.overwrite:
+                held.append(stem)
+            if args.resume and os.path.exists(checkpoint.path):
+                checkpoint.load()                       # unreadable or another run's: UsageError now
+            elif args.resume and done:
+                with open(stem + ".json") as f:
+                    saved = json.load(f).get("fingerprint", {})
+                if saved != fingerprint:
+                    raise UsageError(f"{stem}.json holds another run (differs in: {fingerprint_diff(saved, fingerprint)}); "
+                                     "pass --overwrite to replace it or choose another --out")
+                print(f"{stem}.json: finished earlier, kept", flush=True)
+                continue
+            elif args.overwrite and os.path.exists(checkpoint.path):
+                os.remove(checkpoint.path)
+            runs.append((variant, seed, stem, checkpoint))
+    if held and not (args.resume or args.overwrite):
+        raise UsageError(f"{folder} already holds results or checkpoints of these runs ({len(held)}): pass --resume to "
+                         "continue them, --overwrite to replace them, or choose another --out")
+    return runs
 
 
 def run_experiment(exp: str, args: Args, device) -> str:
     """All variants and seeds of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
     b = budget_for(args, exp)
-    data = load_data(exp, args, device)
     folder = os.path.join(args.out, exp)
+    runs = plan_runs(exp, args, b, folder)
+    data = load_data(exp, args, device)
     os.makedirs(folder, exist_ok=True)
     names = LWF_NAMES if exp == "lwf" else VARIANT_NAMES
-    for variant in variant_list(args):
-        for seed in range(args.seeds):
-            start = time.time()
-            result = run_one(exp, variant, seed, args, data, b)
-            samples = result.pop("samples")
-            result.update(exp=exp, variant=variant, name=names[variant], seed=seed,
-                          wall_time_s=round(time.time() - start, 2), machine=machine_name(device),
-                          config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
-            stem = os.path.join(folder, f"{variant}_seed{seed}")
-            write_json(stem + ".json", result)
-            for key, rows in samples.items():
-                save_sample_rows([x for _, x in rows], f"{stem}_samples_{key}.png")
-            print(f"{exp} {names[variant]} seed {seed}: final avg {result['final']['avg']:.2f} % "
-                  f"in {fmt_seconds(result['wall_time_s'])} -> {stem}.json", flush=True)
+    for variant, seed, stem, checkpoint in runs:
+        start = time.time()
+        try:
+            result = run_one(exp, variant, seed, args, data, b, checkpoint)
+        except Diverged as e:
+            raise Diverged(f"{e}; the last checkpoint is {checkpoint.path} (rerun with --resume after a fix, "
+                           "or --detect-anomaly to find the operation)") from None
+        samples = result.pop("samples")
+        result.update(exp=exp, variant=variant, name=names[variant], seed=seed,
+                      wall_time_s=round(time.time() - start, 2), machine=machine_name(device),
+                      fingerprint=checkpoint.fingerprint,
+                      config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
+        write_json(stem + ".json", result)
+        for key, rows in samples.items():
+            save_sample_rows([x for _, x in rows], f"{stem}_samples_{key}.png")
+        if os.path.exists(checkpoint.path):
+            os.remove(checkpoint.path)
+        print(f"{exp} {names[variant]} seed {seed}: final avg {result['final']['avg']:.2f} % "
+              f"in {fmt_seconds(result['wall_time_s'])} -> {stem}.json", flush=True)
     plot_experiment(folder)
     return write_summary(folder)
 
 
 def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path: str, text: str) -> None:
+    """Never half-written: a temp file renamed over the target."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -807,7 +1000,8 @@ def save_sample_rows(rows: list[torch.Tensor], path: str) -> None:
     """Sample grid: one row per stage (task, link or generator step), images mapped from [-1, 1]."""
     from torchvision.utils import save_image
     grid = torch.cat([r[:SAMPLES_PER_ROW].detach().float().cpu() for r in rows])
-    save_image(grid, path, nrow=SAMPLES_PER_ROW, normalize=True, value_range=(-1, 1), pad_value=1.0)
+    save_image(grid, path + ".tmp.png", nrow=SAMPLES_PER_ROW, normalize=True, value_range=(-1, 1), pad_value=1.0)
+    os.replace(path + ".tmp.png", path)
 
 
 def load_results(folder: str) -> list[dict]:
@@ -848,7 +1042,8 @@ def plot_experiment(folder: str) -> str:
     fig.suptitle(os.path.basename(os.path.normpath(folder)))
     fig.tight_layout()
     path = os.path.join(folder, "accuracy.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
     plt.close(fig)
     return path
 
@@ -877,7 +1072,102 @@ def write_summary(folder: str) -> str:
         lines.append(f"| {runs[0]['name']} | {len(runs)} | " + " | ".join(per_task)
                      + f" | {mean_sd([r['final']['avg'] for r in runs])} | {mean_sd([r['wall_time_s'] for r in runs])} |")
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(folder, "summary.md"), "w") as f:
+    write_text(os.path.join(folder, "summary.md"), text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark (--exp bench): the losses and whole training steps, reference vs fused, side by side.
+
+
+def time_ms(fn, device, reps: int) -> float:
+    """Median wall time of fn() in ms, after warm-up; CUDA timed with events."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_losses(device, batches, with_compile: bool, reps: int) -> list[dict]:
+    """Forward + backward of each loss: eager reference, torch.compile of the reference, fused op."""
+    rows = []
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        for n in batches:
+            g = (torch.randn(n, *shape, device=device) * 0.03).requires_grad_(True)
+            lr, lp = torch.randn(n, 10, device=device, requires_grad=True), torch.randn(n, 10, device=device, requires_grad=True)
+            y, t = torch.randint(10, (n,), device=device), torch.randn(n, 10, device=device).softmax(1)
+            cases = {"gradient_penalty": (lambda f: torch.autograd.grad(f(g, 10.0), g), gradient_penalty_ref,
+                                          lambda x, lam: torch.ops.dgr.gradient_penalty(x, lam)),
+                     "replay_loss": (lambda f: torch.autograd.grad(f(lr, y, lp, t, 0.5), (lr, lp)), replay_loss_ref,
+                                     lambda *a: torch.ops.dgr.replay_loss_fwd(*a)[0])}
+            for op, (run, ref, fused) in cases.items():
+                if op == "replay_loss" and shape != (1, 28, 28):
+                    continue   # the replay loss sees logits only: one row per batch size
+                row = {"op": op, "shape": "x".join(map(str, shape)) if op == "gradient_penalty" else "10 classes", "batch": n,
+                       "eager_ms": time_ms(lambda: run(ref), device, reps)}
+                if with_compile:
+                    compiled = torch.compile(ref, dynamic=False)
+                    row["compiled_ms"] = time_ms(lambda: run(compiled), device, reps)
+                row["fused_ms"] = time_ms(lambda: run(fused), device, reps)
+                if op == "gradient_penalty":   # fewest bytes: read g (forward), read g and write dg (backward)
+                    row["fused_GBps"] = 3 * g.numel() * g.element_size() / (row["fused_ms"] * 1e6)
+                rows.append(row)
+    return rows
+
+
+def bench_steps(device, batches, reps: int) -> list[dict]:
+    """One whole critic step (WGAN-GP, width 64) and one solver step, with --impl torch and --impl ext."""
+    rows = []
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        s = Scholar(shape, Budget()).to(device)
+        s.critic_opt.step = s.solver_opt.step = lambda: None   # time the losses and gradients, keep the weights
+        task = Task("bench", torch.rand(4096, *shape, device=device) * 2 - 1, torch.randint(10, (4096,), device=device),
+                    None, None)
+        replay = Replay("gr", s.frozen_copy())
+        for n in batches:
+            x = task.x_train[:n]
+            for step, run in (("critic step", lambda: critic_step(s, x, 10.0)),
+                              ("solver step", lambda: solver_step(s, task, replay, 0.5, n))):
+                row = {"op": step, "shape": "x".join(map(str, shape)), "batch": n}
+                for impl in ("torch", "ext"):
+                    set_impl(impl)
+                    row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(run, device, reps)
+                rows.append(row)
+    set_impl("auto")
+    return rows
+
+
+def run_bench(args: Args, device) -> str:
+    """Print and save (<out>/bench/bench.json, bench.md) the timings; ratios are eager time / time."""
+    load_extension(required=True)
+    quick = args.preset == "quick"
+    batches, reps = ((64,), 5) if quick else ((64, 256, 1024), 50)
+    rows = bench_losses(device, batches, with_compile=not quick, reps=reps) + bench_steps(device, batches, reps)
+    lines = [f"## Benchmark ({machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
+             "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | fused GB/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        comp = f"{r['compiled_ms']:.3f} ({r['eager_ms'] / r['compiled_ms']:.2f}x)" if "compiled_ms" in r else "n/a"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['batch']} | {r['eager_ms']:.3f} | {comp} | "
+                     f"{r['fused_ms']:.3f} ({r['eager_ms'] / r['fused_ms']:.2f}x) | "
+                     + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " |")
+    text = "\n".join(lines) + "\n"
+    folder = os.path.join(args.out, "bench")
+    os.makedirs(folder, exist_ok=True)
+    write_json(os.path.join(folder, "bench.json"), {"machine": machine_name(device), "torch": torch.__version__, "rows": rows})
+    with open(os.path.join(folder, "bench.md"), "w") as f:
         f.write(text)
     return text
 
@@ -903,13 +1193,19 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         device = resolve_device(args.device)
         set_impl(args.impl)
+        torch.autograd.set_detect_anomaly(args.detect_anomaly)
+        if args.exp == "bench":
+            print(run_bench(args, device))
+            return 0
         summaries = [run_experiment(exp, args, device) for exp in (EXPERIMENTS if args.exp == "all" else (args.exp,))]
     except UsageError as e:
         print(f"dgr.py: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"dgr.py: stopped: {e}", file=sys.stderr)
+        return 3
     if len(summaries) > 1:
-        with open(os.path.join(args.out, "summary.md"), "w") as f:
-            f.write("\n".join(summaries))
+        write_text(os.path.join(args.out, "summary.md"), "\n".join(summaries))
     print("\n".join(summaries))
     print(f"results, figures and summary.md are in {os.path.abspath(args.out)}")
     return 0

@@ -21,7 +21,9 @@ at::Tensor rows_of(const at::Tensor& grad) {
   TORCH_CHECK(grad.dim() >= 1, "dgr::gradient_penalty: grad must have a batch dimension, got a 0-d tensor");
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
               "dgr::gradient_penalty: grad must be floating point, got ", grad.scalar_type());
-  return grad.contiguous().view({grad.size(0), -1});
+  int64_t D = 1;   // explicit, so that an empty batch (B = 0) still has a row length
+  for (int64_t i = 1; i < grad.dim(); ++i) D *= grad.size(i);
+  return grad.contiguous().view({grad.size(0), D});
 }
 
 void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels, const at::Tensor& logits_replay,

@@ -237,8 +237,10 @@ def test_solver_step_uses_old_solver_labels(old_scholar, mnist):
     replay = dgr.Replay("er", old_scholar, [task.x_train])
     for _ in range(150):
         dgr.solver_step(new, task, replay, 0.0, 64)
-    agree = (new.label(task.x_test) == old_scholar.label(task.x_test)).float().mean()
-    assert agree > 0.9
+    predicted = new.label(task.x_test)
+    agree_old = (predicted == old_scholar.label(task.x_test)).float().mean()
+    agree_true = (predicted == task.y_test).float().mean()
+    assert agree_old > 0.75 and agree_true < 0.3, (agree_old, agree_true)   # the old (untrained) solver's answers
 
 
 # ---------------------------------------------------------------------------------------------- CLI

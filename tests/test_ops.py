@@ -15,6 +15,7 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.fl
 def extension():
     assert dgr.load_extension(required=True)   # built by `python setup.py build_ext --inplace` (or JIT)
     dgr._ops["loaded"] = True
+    assert dgr._ops["kernels"]["CPU"]
 
 
 def dtypes_for(device):
@@ -160,26 +161,30 @@ def test_whole_step_same_gradients(kind, device):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
 
 
-def test_experiments_same_results_with_ext_and_torch(tmp_path):
-    """A short split run (every variant's code path: GR trains the generator too) agrees across impls."""
-    from conftest import DATA, require_mnist
-    require_mnist()
-    results = {}
-    for impl in ("ext", "torch"):
-        args = dgr.parse_args(["--exp", "split", "--preset", "quick", "--data-dir", DATA, "--impl", impl])
-        dgr.set_impl(impl)
-        b = dgr.Budget(**{**dgr.QUICK_COMMON, "solver_iters": 40, "gen_iters": 6, "eval_every": 20})
-        data = dgr.load_data("split", args, torch.device("cpu"))
-        for variant in ("gr", "er"):
-            torch.manual_seed(0)
-            res = dgr.run_sequence(dgr.split_tasks(data["mnist"], b, 0), variant, args, b, "t")
-            results[impl, variant] = res
-    dgr.set_impl("auto")
+@pytest.mark.parametrize("exp", ["chain", "permuted", "split", "mnist-svhn", "svhn-mnist", "lwf"])
+def test_experiments_same_results_with_ext_and_torch(exp, svhn_data_dir, monkeypatch):
+    """Every experiment, short budgets, GR (both ops, generator included) and ER: same curves either way."""
+    from torchvision.datasets import SVHN
+    monkeypatch.setattr(SVHN, "_check_integrity", lambda self: True)
+    args = dgr.parse_args(["--exp", exp, "--preset", "quick", "--data-dir", svhn_data_dir])
+    b = dgr.Budget(**{**dgr.QUICK_COMMON, "solver_iters": 30, "gen_iters": 4, "eval_every": 10, "n_tasks": 2,
+                      "warmup_iters": 5 if exp == "lwf" else 0})
+    data = dgr.load_data(exp, args, torch.device("cpu"))
     for variant in ("gr", "er"):
-        a, b = results["ext", variant], results["torch", variant]
-        for ca, cb in zip(a["curves"], b["curves"]):
-            assert ca["loss"] == pytest.approx(cb["loss"], rel=1e-3, abs=1e-4)
-            assert ca["acc"] == pytest.approx(cb["acc"], abs=0.3)
+        results = []
+        for impl in ("ext", "torch"):
+            dgr.set_impl(impl)
+            results.append(dgr.run_one(exp, variant, 0, args, data, b))
+        dgr.set_impl("auto")
+        # float agreement through task 1; later, training amplifies rounding differences (Adam turns a
+        # near-zero gradient's rounding into an lr-sized step), as a change of thread count would, so the
+        # end is compared at the level of accuracy.
+        exact = [(ca, cb) for ca, cb in zip(*(r["curves"] for r in results)) if ca["step"] <= b.solver_iters]
+        assert len(exact) == 3
+        for ca, cb in exact:
+            assert ca["loss"] == pytest.approx(cb["loss"], rel=1e-3, abs=1e-6), (variant, ca, cb)
+            assert ca["acc"] == pytest.approx(cb["acc"], abs=1.0), (variant, ca, cb)
+        assert results[0]["final"]["avg"] == pytest.approx(results[1]["final"]["avg"], abs=12.0)
 
 
 # ---------------------------------------------------------------------------------------------- fallback
