@@ -1019,6 +1019,7 @@ def plot_experiment(folder: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     results = [r for r in load_results(folder) if r["seed"] == 0] or load_results(folder)
+    results.sort(key=lambda r: VARIANTS.index(r["variant"]))
     fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.4), squeeze=False)
     for ax, res in zip(axes[0], results):
         for j, name in enumerate(res["tasks"]):
@@ -1153,7 +1154,7 @@ def run_bench(args: Args, device) -> str:
     """Print and save (<out>/bench/bench.json, bench.md) the timings; ratios are eager time / time."""
     load_extension(required=True)
     quick = args.preset == "quick"
-    batches, reps = ((64,), 5) if quick else ((64, 256, 1024), 50)
+    batches, reps = ((64,), 5) if quick else ((64, 256, 1024), 50 if device.type == "cuda" else 10)
     rows = bench_losses(device, batches, with_compile=not quick, reps=reps) + bench_steps(device, batches, reps)
     lines = [f"## Benchmark ({machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
              "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | fused GB/s |",

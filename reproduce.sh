@@ -3,6 +3,8 @@
 #   paper preset -> results/        (budgets in README.md; wants a GPU)
 #   --quick      -> results-quick/  (tiny budgets, a few minutes on a CPU)
 # Extra arguments go to dgr.py, e.g. bash reproduce.sh --seeds 5
+# A killed run continues where it stopped when started again (--resume); finished runs are kept.
+# To start afresh: bash reproduce.sh --overwrite
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=paper out=results
@@ -11,7 +13,8 @@ python -c "import torch, torchvision, scipy, matplotlib" 2>/dev/null || python -
 failed=()
 for exp in chain permuted split mnist-svhn svhn-mnist lwf; do
   echo "== $exp ($preset preset) =="
-  python dgr.py --exp "$exp" --preset "$preset" --out "$out" "$@" || failed+=("$exp")
+  resume=--resume; for a in "$@"; do [[ "$a" == --overwrite ]] && resume=; done
+  python dgr.py --exp "$exp" --preset "$preset" --out "$out" $resume "$@" || failed+=("$exp")
 done
 cat "$out"/*/summary.md > "$out/summary.md" 2>/dev/null || true
 echo "results (JSON per run), figures (PNG) and summary.md per experiment are in $out/"
