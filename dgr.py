@@ -454,10 +454,13 @@ def load_extension(required: bool = False) -> bool:
                            for key in ("CPU", "CUDA")}
         return True
     except Exception as e:  # compiler missing, build error, ABI mismatch
+        lines = str(e).strip().splitlines() or [""]
+        first_error = next((ln for ln in lines if " error:" in ln), None) or next((ln for ln in lines if "rror" in ln), lines[-1])
+        reason = f"{type(e).__name__}: {first_error.strip()[:300]}"
         if required:
-            raise UsageError(f"--impl ext: the dgr extension could not be loaded or built: {e}") from None
-        warnings.warn(f"dgr: fused ops unavailable ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
-                      "using the PyTorch reference implementations", RuntimeWarning, stacklevel=3)
+            raise UsageError(f"--impl ext: the dgr extension could not be loaded or built ({reason})") from None
+        warnings.warn(f"dgr: fused ops unavailable ({reason}); using the PyTorch reference implementations",
+                      RuntimeWarning, stacklevel=3)
         return False
 
 
@@ -756,7 +759,7 @@ def warm_up_head(s: Scholar, task: Task, b: Budget, progress: Progress):
         loss.backward()
         opt.step()
         progress.advance()
-    check_finite(progress, f"task {task.name} head warm-up", warm_up=loss)
+    check_finite(progress, f"task {task.name} head warm-up", warm_up=loss.detach())
     progress.line(f"task {task.name} head warm-up {b.warmup_iters} steps loss {float(loss):.3f}")
 
 
@@ -1129,17 +1132,19 @@ def bench_losses(device, batches, with_compile: bool, reps: int) -> list[dict]:
 
 
 def bench_steps(device, batches, reps: int) -> list[dict]:
-    """One whole critic step (WGAN-GP, width 64) and one solver step, with --impl torch and --impl ext."""
+    """One whole critic step (WGAN-GP, width 64), generator step and solver step (GR replay, half real),
+    with --impl torch and --impl ext."""
     rows = []
     for shape in ((1, 28, 28), (3, 32, 32)):
         s = Scholar(shape, Budget()).to(device)
-        s.critic_opt.step = s.solver_opt.step = lambda: None   # time the losses and gradients, keep the weights
+        s.critic_opt.step = s.solver_opt.step = s.gen_opt.step = lambda: None   # time losses and gradients, keep weights
         task = Task("bench", torch.rand(4096, *shape, device=device) * 2 - 1, torch.randint(10, (4096,), device=device),
                     None, None)
         replay = Replay("gr", s.frozen_copy())
         for n in batches:
             x = task.x_train[:n]
             for step, run in (("critic step", lambda: critic_step(s, x, 10.0)),
+                              ("generator step", lambda: generator_step(s, n)),   # no fused op: a control
                               ("solver step", lambda: solver_step(s, task, replay, 0.5, n))):
                 row = {"op": step, "shape": "x".join(map(str, shape)), "batch": n}
                 for impl in ("torch", "ext"):
