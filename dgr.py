@@ -31,9 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EXPERIMENTS = ("chain", "permuted", "mnist-svhn", "svhn-mnist", "lwf", "split")
-VARIANTS = ("gr", "er", "noise", "none")
-VARIANT_NAMES = {"gr": "GR", "er": "ER", "noise": "Noise", "none": "None"}
+VARIANTS = ("gr", "gr+distill", "er", "ewc", "noise", "none")   # the paper's four, plus two baselines
+VARIANT_NAMES = {"gr": "GR", "gr+distill": "GR+distill", "er": "ER", "ewc": "EWC", "noise": "Noise", "none": "None"}
 LWF_NAMES = {"gr": "LwF-GR", "er": "LwF-ER", "noise": "LwF-Noise", "none": "LwF"}
+EWC_EXPERIMENTS = ("permuted", "split")
 
 
 class UsageError(Exception):
@@ -48,13 +49,15 @@ class UsageError(Exception):
 class Args:
     exp: str = field(default="permuted", metadata={"help": "experiment: " + ", ".join(EXPERIMENTS) + ", all, or bench (timings)",
                                                    "choices": EXPERIMENTS + ("all", "bench")})
-    variants: str = field(default="gr,er,noise,none", metadata={"help": "comma-separated replay variants among gr,er,noise,none"})
+    variants: str = field(default="gr,er,noise,none", metadata={"help": "comma-separated variants among " + ",".join(VARIANTS)
+                                                                + " (gr+distill: soft targets at --temperature; ewc: online EWC, permuted and split only)"})
     preset: str = field(default="paper", metadata={"help": "training budgets: paper (as in the README) or quick (CPU smoke run)",
                                                    "choices": ("paper", "quick")})
     seeds: int = field(default=1, metadata={"help": "number of seeds; runs seeds 0..N-1"})
     r: float | None = field(default=None, metadata={"help": "real-data share r in [0,1] on tasks after the first (default 1/i on task i)"})
     replay_targets: str = field(default="hard", metadata={"help": "label replayed inputs with the old solver's argmax (hard) or probabilities (soft)",
                                                           "choices": ("hard", "soft")})
+    temperature: float = field(default=2.0, metadata={"help": "gr+distill: targets softmax(z/T) of the old solver, loss on z/T scaled by T^2"})
     data_dir: str = field(default="", metadata={"help": "dataset root for torchvision MNIST/SVHN (default $DGR_DATA or ./data)"})
     out: str = field(default="results", metadata={"help": "output folder: <out>/<exp>/<variant>_seed<k>.json, figures, summary.md"})
     device: str = field(default="auto", metadata={"help": "torch device: auto (cuda if available), cpu, cuda, cuda:1, ..."})
@@ -92,6 +95,8 @@ def check_args(args: Args) -> None:
         raise UsageError(f"unknown variant {', '.join(bad) or '(none given)'}: choose from {','.join(VARIANTS)}")
     if args.r is not None and not 0.0 <= args.r <= 1.0:
         raise UsageError(f"--r must lie in [0, 1], got {args.r}")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if args.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
     if args.resume and args.overwrite:
@@ -131,6 +136,8 @@ class Budget:
     lam: float = 10.0             # gradient-penalty weight
     gen_lr: float = 1e-4          # Adam(0.5, 0.9) for generator and critic
     solver_lr: float = 1e-3       # Adam(0.9, 0.999) for the solver
+    ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, README)
+    fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
 
 PAPER = {
@@ -349,12 +356,12 @@ class Scholar(nn.Module):
         return self.generator(z)   # train-mode batch norm, as in training
 
     @torch.no_grad()
-    def label(self, x: torch.Tensor, head: int = 0, soft: bool = False) -> torch.Tensor:
+    def label(self, x: torch.Tensor, head: int = 0, soft: bool = False, temperature: float = 1.0) -> torch.Tensor:
         was_training = self.solver.training
         self.solver.eval()
         logits = self.solver(x, head)
         self.solver.train(was_training)
-        return logits.softmax(1) if soft else logits.argmax(1)
+        return (logits / temperature).softmax(1) if soft else logits.argmax(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -511,12 +518,15 @@ def register_op_python_parts() -> None:
 class Replay:
     """Replayed inputs for one task: 'gr' samples the old generator, 'er' draws stored real inputs of
     past tasks, 'noise' draws Gaussian noise, 'current' reuses the current batch (LwF); 'none' nothing.
-    The old solver labels them (its head `head`)."""
+    The old solver labels them (its head `head`). 'ewc' replays nothing but penalises moving the weights
+    that past tasks' Fisher information marks as important."""
     kind: str = "none"
     old: Scholar | None = None
     pool: list = field(default_factory=list)    # ER: x_train of each past task
     head: int = 0
     soft: bool = False
+    temperature: float = 1.0                    # gr+distill: distil at temperature T
+    ewc: dict | None = None                     # 'ewc': no inputs; Fisher, anchor and lambda of past tasks
 
     def inputs(self, n: int, shape, current: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.kind == "gr":
@@ -578,17 +588,48 @@ def solver_step(s: Scholar, task: Task, replay: Replay, r: float, batch: int) ->
     x_rep = replay.inputs(batch, s.shape, current=x) if r < 1 else None
     if x_rep is None:
         x_rep, r = x[:0], 1.0
-    targets = replay.old.label(x_rep, replay.head, replay.soft) if len(x_rep) else y[:0]
+    targets = replay.old.label(x_rep, replay.head, replay.soft, replay.temperature) if len(x_rep) else y[:0]
     if replay.head == task.head:   # one forward pass for both batches (the solver has no batch norm)
         logits = s.solver(torch.cat([x, x_rep]), task.head)
         logits_real, logits_rep = logits[:len(x)], logits[len(x):]
     else:
         logits_real, logits_rep = s.solver(x, task.head), s.solver(x_rep, replay.head)
-    loss = replay_loss(logits_real, y, logits_rep, targets, r)
+    if replay.temperature != 1.0 and len(x_rep):
+        # distillation (Hinton et al.): CE(z/T, softmax(z_old/T)) * T^2; r*A + (1-r)*T^2*B is written as
+        # scale * (r'*A + (1-r')*B) so that the one fused loss serves
+        scale = r + (1 - r) * replay.temperature ** 2
+        loss = scale * replay_loss(logits_real, y, logits_rep / replay.temperature, targets, r / scale)
+    else:
+        loss = replay_loss(logits_real, y, logits_rep, targets, r)
+    if replay.ewc:
+        loss = loss + ewc_penalty(s.solver, replay.ewc)
     s.solver_opt.zero_grad(set_to_none=True)
     loss.backward()
     s.solver_opt.step()
     return loss.detach()
+
+
+def ewc_penalty(solver: Solver, ewc: dict) -> torch.Tensor:
+    """lambda/2 * sum_i F_i (theta_i - theta*_i)^2 over the solver's weights."""
+    return 0.5 * ewc["lam"] * sum((f * (p - a) ** 2).sum() for p, f, a in zip(solver.parameters(), ewc["fisher"], ewc["anchor"]))
+
+
+def ewc_update(ewc: dict | None, solver: Solver, task: Task, b: Budget) -> dict:
+    """Online EWC (Schwarz et al. 2018): add the task's diagonal Fisher, estimated on b.fisher_samples
+    training images one at a time with the model's own predicted labels; anchor at the current weights."""
+    params = list(solver.parameters())
+    fisher = [torch.zeros_like(p) for p in params]
+    idx = torch.randperm(len(task.x_train), device=task.x_train.device)[:b.fisher_samples]
+    solver.eval()
+    for i in idx:
+        logits = solver(task.x_train[i:i + 1], task.head)
+        grads = torch.autograd.grad(F.cross_entropy(logits, logits.argmax(1)), params)
+        for f, g in zip(fisher, grads):
+            f += g.detach() ** 2 / len(idx)
+    solver.train()
+    if ewc:
+        fisher = [old + new for old, new in zip(ewc["fisher"], fisher)]
+    return {"fisher": fisher, "anchor": [p.detach().clone() for p in params], "lam": b.ewc_lambda}
 
 
 @torch.no_grad()
@@ -798,11 +839,12 @@ def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str
                  checkpoint: Checkpoint | None = None) -> dict:
     """Learn tasks one after another with replay `kind`; accuracy on all tasks after each one."""
     shape = tuple(tasks[0].x_train.shape[1:])
-    s = Scholar(shape, b, n_heads, with_generator=(kind == "gr")).to(tasks[0].x_train.device)
+    generative = kind in ("gr", "gr+distill")
+    s = Scholar(shape, b, n_heads, with_generator=generative).to(tasks[0].x_train.device)
     # the generator of the last task serves no later task; train it only when its samples are shown
     needs_gen = [i < len(tasks) - 1 or samples_each_step or samples_each_task for i in range(len(tasks))]
-    units = [task_units(b, kind == "gr" and g, i > 0) for i, g in enumerate(needs_gen)]
-    run = {"curves": [], "acc_after": [], "samples": {}, "old": None}
+    units = [task_units(b, generative and g, i > 0) for i, g in enumerate(needs_gen)]
+    run = {"curves": [], "acc_after": [], "samples": {}, "old": None, "ewc": None}
     checkpoint, pos = resume_run(checkpoint, s, run)
     progress = Progress(label, sum(units))
     progress.advance(sum(units[:pos["stage"]]))
@@ -810,17 +852,18 @@ def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str
         task, checkpoint.stage = tasks[i], i
         start = pos if i == pos["stage"] else {"phase": "start", "step": 0}
         if start["phase"] == "start":
-            run["old"] = s.frozen_copy() if i > 0 and kind != "none" else None
-        replay = Replay()
-        if run["old"] is not None:
-            replay = Replay(kind, run["old"], [t.x_train for t in tasks[:i]], head=tasks[i - 1].head,
-                            soft=args.replay_targets == "soft")
+            run["old"] = s.frozen_copy() if i > 0 and kind not in ("none", "ewc") else None
+        replay = make_replay(kind, args, run["old"], [t.x_train for t in tasks[:i]], tasks[i - 1].head if i else 0)
+        if kind == "ewc" and run["ewc"]:
+            replay = Replay("ewc", ewc=run["ewc"])
         task_b = b if i > 0 else dataclasses.replace(b, warmup_iters=0)
         keep = (lambda step, x, i=i: run["samples"].setdefault(f"task{i + 1}", []).append((step, x))) if samples_each_step else None
-        train_task(s, task, replay, replay_share(args, i) if replay.kind != "none" else 1.0, task_b,
+        train_task(s, task, replay, replay_share(args, i) if replay.kind not in ("none", "ewc") else 1.0, task_b,
                    train_generator=needs_gen[i], eval_tasks=tasks[:i + 1], progress=progress, on_samples=keep,
                    step0=i * b.solver_iters, curves=run["curves"], checkpoint=checkpoint, start=start)
         run["acc_after"].append(accuracy(s.solver, tasks))
+        if kind == "ewc" and i < len(tasks) - 1:
+            run["ewc"] = ewc_update(run["ewc"], s.solver, task, b)
         if samples_each_task and s.generator is not None:
             run["samples"].setdefault("tasks", []).append((i + 1, s.sample(SAMPLES_PER_ROW)))
         run["old"] = None
@@ -828,6 +871,15 @@ def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str
     final = run["acc_after"][-1]
     return {"tasks": [t.name for t in tasks], "curves": run["curves"], "acc_after_task": run["acc_after"],
             "final": {"acc": final, "avg": sum(final) / len(tasks)}, "samples": run["samples"]}
+
+
+def make_replay(kind: str, args: Args, old: Scholar | None, pool: list, head: int) -> Replay:
+    """The replay of variant `kind` from the previous scholar `old` (none on the first task)."""
+    if old is None:
+        return Replay()
+    if kind == "gr+distill":
+        return Replay("gr", old, head=head, soft=True, temperature=args.temperature)
+    return Replay(kind, old, pool, head=head, soft=args.replay_targets == "soft")
 
 
 def resume_run(checkpoint: Checkpoint | None, s: Scholar, run: dict) -> tuple[Checkpoint, dict]:
@@ -856,8 +908,9 @@ def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: i
     """Table 1: scholar 1 learns MNIST; scholar k>1 learns only from scholar k-1's samples and labels."""
     shape = tuple(task.x_train.shape[1:])
     trains = [k == 0 or kind != "none" for k in range(links)]
-    units = [task_units(b, kind == "gr" and k < links - 1) if t else 0 for k, t in enumerate(trains)]
-    new_scholar = lambda: Scholar(shape, b, with_generator=(kind == "gr")).to(task.x_train.device)
+    generative = kind in ("gr", "gr+distill")
+    units = [task_units(b, generative and k < links - 1) if t else 0 for k, t in enumerate(trains)]
+    new_scholar = lambda: Scholar(shape, b, with_generator=generative).to(task.x_train.device)
     s = new_scholar()
     run = {"curves": [], "acc_after": [[]], "samples": {}, "old": None}   # "old": the previous link's scholar
     checkpoint, pos = resume_run(checkpoint, s, run)
@@ -868,7 +921,7 @@ def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: i
         start = pos if k == pos["stage"] else {"phase": "start", "step": 0}
         if k > 0 and start["phase"] == "start":
             s = new_scholar()   # each link learns from scratch
-        replay = Replay() if k == 0 else Replay(kind, run["old"], [task.x_train], soft=args.replay_targets == "soft")
+        replay = make_replay(kind, args, run["old"] if k else None, [task.x_train], 0)
         if trains[k]:
             train_task(s, task, replay, 1.0 if k == 0 else 0.0, b, train_generator=k < links - 1, eval_tasks=[task],
                        progress=progress, step0=k * b.solver_iters, curves=run["curves"], checkpoint=checkpoint, start=start)
@@ -912,7 +965,8 @@ def run_one(exp: str, variant: str, seed: int, args: Args, data: dict, b: Budget
 def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget) -> dict:
     """What makes two runs the same run: a checkpoint or result resumes only under the same fingerprint."""
     return json.loads(json.dumps({"exp": exp, "variant": variant, "seed": seed, "preset": args.preset, "r": args.r,
-                                  "replay_targets": args.replay_targets, **dataclasses.asdict(b)}))   # as JSON has it
+                                  "replay_targets": args.replay_targets, "temperature": args.temperature,
+                                  **dataclasses.asdict(b)}))   # as JSON has it
 
 
 def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, int, str, Checkpoint]]:
@@ -949,6 +1003,10 @@ def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, i
 def run_experiment(exp: str, args: Args, device) -> str:
     """All variants and seeds of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
     b = budget_for(args, exp)
+    if "ewc" in variant_list(args) and exp not in EWC_EXPERIMENTS:
+        raise UsageError(f"variant ewc applies to {' and '.join(EWC_EXPERIMENTS)}, not {exp}")
+    if exp == "lwf" and "gr+distill" in variant_list(args):
+        raise UsageError("lwf already distils (LwF); its variants are gr, er, noise, none")
     folder = os.path.join(args.out, exp)
     runs = plan_runs(exp, args, b, folder)
     data = load_data(exp, args, device)

@@ -287,3 +287,57 @@ def test_import_has_no_side_effects(tmp_path):
                            "from dgr import Scholar, train_task"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- beyond the paper
+
+def test_distill_loss_is_temperature_scaled_soft_ce(old_scholar, mnist):
+    """gr+distill: r*CE(z, y) + (1-r)*T^2*CE(z'/T, softmax(z_old'/T)), as in Hinton et al."""
+    torch.manual_seed(0)
+    new = dgr.Scholar((1, 28, 28), dgr.Budget(width=8, hidden=32), with_generator=False)
+    task = dgr.Task("t", mnist[0][:64], mnist[1][:64], mnist[2][:8], mnist[3][:8])
+    replay = dgr.Replay("er", old_scholar, [mnist[0][64:128]], soft=True, temperature=3.0)
+    new.solver_opt.step = lambda: None
+    torch.manual_seed(5)
+    loss = dgr.solver_step(new, task, replay, 0.25, 16)
+    torch.manual_seed(5)
+    x, y = dgr.random_batch(task, 16)
+    x_rep = replay.inputs(16, (1, 28, 28))
+    with torch.no_grad():
+        target = (old_scholar.solver(x_rep) / 3.0).softmax(1)
+        want = 0.25 * hand_ce(new.solver(x), y) + 0.75 * 9.0 * hand_ce(new.solver(x_rep) / 3.0, target)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_ewc_fisher_and_penalty(mnist):
+    torch.manual_seed(0)
+    b = dgr.Budget(hidden=32, fisher_samples=50, ewc_lambda=100.0)
+    solver = dgr.Solver((1, 28, 28), hidden=32)
+    task = dgr.Task("t", mnist[0][:200], mnist[1][:200], mnist[2][:10], mnist[3][:10])
+    ewc = dgr.ewc_update(None, solver, task, b)
+    assert all((f >= 0).all() for f in ewc["fisher"]) and sum(f.sum() for f in ewc["fisher"]) > 0
+    assert dgr.ewc_penalty(solver, ewc).item() == 0.0                 # at the anchor
+    with torch.no_grad():
+        solver.heads[0].bias += 1.0
+    want = 0.5 * 100.0 * ewc["fisher"][-1].sum().item()                # moved the last bias by 1
+    assert dgr.ewc_penalty(solver, ewc).item() == pytest.approx(want, rel=1e-5)
+    twice = dgr.ewc_update(ewc, solver, task, b)                       # online: Fisher accumulates
+    assert all((f2 >= f1).all() for f1, f2 in zip(ewc["fisher"], twice["fisher"]))
+
+
+def test_ewc_and_distill_variants_end_to_end(tmp_path):
+    require_mnist()
+    proc = run_dgr("--exp", "permuted", "--preset", "quick", "--variants", "ewc,gr+distill", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    check_outputs(str(tmp_path), "permuted", 3, variants=("ewc", "gr+distill"))
+    assert load_run(str(tmp_path), "permuted", "gr+distill")["fingerprint"]["temperature"] == 2.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--exp", "chain", "--variants", "ewc"], "variant ewc applies to permuted and split, not chain"),
+    (["--exp", "lwf", "--variants", "gr+distill"], "lwf already distils"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+])
+def test_variant_misuse_exits_2(argv, message, tmp_path):
+    proc = run_dgr(*argv, "--out", str(tmp_path))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
