@@ -187,15 +187,20 @@ MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
 
-def open_dataset(cls, root: str, expected: str, **kwargs):
-    """A torchvision dataset from root; download when missing; one clear UsageError when that fails."""
+def open_dataset(cls, root: str, expected: str, folder: str, **kwargs):
+    """A torchvision dataset from root; download when missing; one clear UsageError when that fails
+    (removing `folder`, the dataset's own folder, if the failed download left it new and empty)."""
     try:
         return cls(root, download=False, **kwargs)
     except RuntimeError:
         pass
+    existed = os.path.exists(folder)
     try:
         return cls(root, download=True, **kwargs)
     except Exception as e:  # no network, server down, corrupt download
+        if not existed and not any(files for _, _, files in os.walk(folder)):
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
         raise UsageError(f"{cls.__name__} is not in {os.path.abspath(root)} and could not be downloaded "
                          f"({type(e).__name__}). Expected files: {expected}. Set --data-dir or DGR_DATA.") from None
 
@@ -206,7 +211,7 @@ def load_mnist(data_dir: str, device, rgb32: bool = False):
     expected = ", ".join(os.path.join(os.path.abspath(data_dir), "MNIST", "raw", f) for f in MNIST_FILES)
     out = []
     for train in (True, False):
-        ds = open_dataset(MNIST, data_dir, expected, train=train)
+        ds = open_dataset(MNIST, data_dir, expected, os.path.join(data_dir, "MNIST"), train=train)
         x = ds.data.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
         if rgb32:
             x = F.pad(x, (2, 2, 2, 2), value=-1.0).repeat(1, 3, 1, 1)
@@ -221,7 +226,7 @@ def load_svhn(data_dir: str, device):
     expected = ", ".join(os.path.join(os.path.abspath(root), f) for f in SVHN_FILES)
     out = []
     for split in ("train", "test"):
-        ds = open_dataset(SVHN, root, expected, split=split)
+        ds = open_dataset(SVHN, root, expected, root, split=split)
         out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
                 torch.from_numpy(ds.labels).long().to(device)]
     return tuple(out)

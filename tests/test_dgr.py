@@ -265,6 +265,7 @@ def test_missing_data_offline_names_folder_and_files(tmp_path):
     proc = run_dgr("--exp", "split", "--preset", "quick", "--out", str(tmp_path / "out"), data_dir=str(tmp_path / "empty"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "empty") in proc.stderr and "train-images-idx3-ubyte" in proc.stderr
+    assert not os.path.exists(tmp_path / "empty" / "MNIST")     # the failed download leaves nothing behind
 
 
 def test_missing_svhn_names_its_files(tmp_path):
@@ -273,6 +274,7 @@ def test_missing_svhn_names_its_files(tmp_path):
     proc = run_dgr("--exp", "lwf", "--preset", "quick", "--out", str(tmp_path / "out"), data_dir=str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train_32x32.mat" in proc.stderr and str(tmp_path / "SVHN") in proc.stderr
+    assert not os.path.exists(tmp_path / "SVHN")
 
 
 def test_help_lists_every_option():
