@@ -805,7 +805,8 @@ def warm_up_head(s: Scholar, task: Task, b: Budget, progress: Progress):
         loss.backward()
         opt.step()
         progress.advance()
-    check_finite(progress, f"task {task.name} head warm-up", warm_up=loss.detach())
+    loss = loss.detach()
+    check_finite(progress, f"task {task.name} head warm-up", warm_up=loss)
     progress.line(f"task {task.name} head warm-up {b.warmup_iters} steps loss {float(loss):.3f}")
 
 
