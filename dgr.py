@@ -851,7 +851,7 @@ def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str
     needs_gen = [i < len(tasks) - 1 or samples_each_step or samples_each_task for i in range(len(tasks))]
     units = [task_units(b, generative and g, i > 0) for i, g in enumerate(needs_gen)]
     run = {"curves": [], "acc_after": [], "samples": {}, "old": None, "ewc": None}
-    checkpoint, pos = resume_run(checkpoint, s, run)
+    checkpoint, pos = resume_run(checkpoint, lambda: s, run)
     progress = Progress(label, sum(units))
     progress.advance(sum(units[:pos["stage"]]))
     for i in range(pos["stage"], len(tasks)):
@@ -888,16 +888,17 @@ def make_replay(kind: str, args: Args, old: Scholar | None, pool: list, head: in
     return Replay(kind, old, pool, head=head, soft=args.replay_targets == "soft")
 
 
-def resume_run(checkpoint: Checkpoint | None, s: Scholar, run: dict) -> tuple[Checkpoint, dict]:
-    """Hook the run's state (scholar `s`, the dict `run`, its run["old"] scholar) to the checkpoint and,
-    if one was saved, load it into them; return the checkpoint and the position to continue from."""
+def resume_run(checkpoint: Checkpoint | None, scholar, run: dict) -> tuple[Checkpoint, dict]:
+    """Hook the run's state (the scholar `scholar()` returns now, the dict `run`, its run["old"] scholar)
+    to the checkpoint and, if one was saved, load it into them; return the checkpoint and the position
+    to continue from. `scholar` is a getter because a run may replace its scholar (chain: one per link)."""
     checkpoint = checkpoint or Checkpoint()
-    checkpoint.snapshot = lambda: {"scholar": scholar_state(s), "run": {
+    checkpoint.snapshot = lambda: {"scholar": scholar_state(scholar()), "run": {
         **run, "old": run["old"].state_dict() if run["old"] is not None else None}}
     saved = checkpoint.load()
     if saved is None:
         return checkpoint, {"stage": 0, "phase": "start", "step": 0}
-    load_scholar_state(s, saved["scholar"])
+    s = load_scholar_state(scholar(), saved["scholar"])
     old_state = saved["run"].pop("old")
     run.update(saved["run"])
     if old_state is not None:
@@ -919,7 +920,7 @@ def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: i
     new_scholar = lambda: Scholar(shape, b, with_generator=generative).to(task.x_train.device)
     s = new_scholar()
     run = {"curves": [], "acc_after": [[]], "samples": {}, "old": None}   # "old": the previous link's scholar
-    checkpoint, pos = resume_run(checkpoint, s, run)
+    checkpoint, pos = resume_run(checkpoint, lambda: s, run)   # the getter sees each link's new scholar
     progress = Progress(label, sum(units))
     progress.advance(sum(units[:pos["stage"]]))
     for k in range(pos["stage"], links):

@@ -16,8 +16,8 @@ SHORT = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--solver-it
          "--eval-every", "20", "--checkpoint-every", "10"]
 
 
-def results_of(out):
-    with open(os.path.join(out, "split", "gr_seed0.json")) as f:
+def results_of(out, exp="split"):
+    with open(os.path.join(out, exp, "gr_seed0.json")) as f:
         res = json.load(f)
     return {k: res[k] for k in ("curves", "acc_after_task", "final", "tasks", "fingerprint")}
 
@@ -37,28 +37,42 @@ def test_same_seed_same_results(uninterrupted, tmp_path):
     assert results_of(str(tmp_path)) == results_of(uninterrupted)
 
 
-def test_killed_run_resumes_to_the_same_results(uninterrupted, tmp_path):
-    out = str(tmp_path)
+# chain replaces its scholar at every link: resume must save and restore the current link's scholar
+CHAIN = ["--exp", "chain", "--preset", "quick", "--variants", "gr", "--solver-iters", "60", "--gen-iters", "20",
+         "--eval-every", "20", "--checkpoint-every", "10"]
+
+
+@pytest.mark.parametrize("argv,exp,kill_at,occurrence,resumed_at", [
+    (SHORT, "split", "task 4-5 solver 40/60", 1, r"task 3, solver step (\d+)"),      # task 3, mid-task
+    (CHAIN, "chain", "task mnist solver 40/60", 3, r"task 3, solver step (\d+)"),    # link 3, mid-link
+])
+def test_killed_run_resumes_to_the_same_results(tmp_path_factory, argv, exp, kill_at, occurrence, resumed_at):
+    require_mnist()
+    whole = str(tmp_path_factory.mktemp("whole"))
+    assert run_dgr(*argv, "--out", whole).returncode == 0
+    out = str(tmp_path_factory.mktemp("killed"))
     env = {**os.environ, "DGR_DATA": DATA, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "dgr.py", *SHORT, "--out", out], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "dgr.py", *argv, "--out", out], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:                       # kill it mid-task: task 3, solver step 40 of 60
-        if "task 4-5 solver 40/60" in line:
+    seen = 0
+    for line in proc.stdout:                       # kill it mid-task
+        seen += kill_at in line
+        if seen == occurrence:
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    ckpt = os.path.join(out, "split", "gr_seed0.ckpt")
-    assert os.path.exists(ckpt) and not os.path.exists(os.path.join(out, "split", "gr_seed0.json"))
+    ckpt = os.path.join(out, exp, "gr_seed0.ckpt")
+    assert os.path.exists(ckpt) and not os.path.exists(os.path.join(out, exp, "gr_seed0.json"))
 
-    again = run_dgr(*SHORT, "--out", out)          # without --resume: refused, nothing touched
+    again = run_dgr(*argv, "--out", out)           # without --resume: refused, nothing touched
     assert again.returncode == 2 and "--resume" in again.stderr
 
-    resumed = run_dgr(*SHORT, "--out", out, "--resume")
+    resumed = run_dgr(*argv, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    position = re.search(r"resuming from .* at task 3, solver step (\d+)", resumed.stdout)
+    position = re.search(r"resuming from .* at " + resumed_at, resumed.stdout)
     assert position and 30 <= int(position.group(1)) < 60, resumed.stdout[:300]   # mid-task, near step 40
-    assert results_of(out) == results_of(uninterrupted)
+    assert results_of(out, exp) == results_of(whole, exp)
     assert not os.path.exists(ckpt)                # a finished run keeps its JSON, not its checkpoint
 
 
