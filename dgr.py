@@ -16,6 +16,7 @@ Reuse the pieces: `from dgr import Scholar, train_task` (importing runs nothing)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -698,6 +699,7 @@ class Checkpoint:
     def __init__(self, path: str | None = None, every: int = 0, fingerprint: dict | None = None):
         self.path, self.every, self.fingerprint = path, every, fingerprint or {}
         self.stage, self.snapshot = 0, dict
+        self.started, self.earlier = time.time(), 0.0
 
     def due(self, step: int) -> bool:
         return bool(self.path and self.every and step % self.every == 0)
@@ -706,10 +708,14 @@ class Checkpoint:
         if not self.path:
             return
         state = {"fingerprint": self.fingerprint, "rng": rng_state(), **self.snapshot(),
+                 "elapsed": self.elapsed(),
                  "position": {"stage": self.stage if stage is None else stage, "phase": phase, "step": step}}
-        tmp = self.path + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        with replacing(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def elapsed(self) -> float:
+        """Seconds this run has trained, earlier sessions (before a resume) included."""
+        return self.earlier + time.time() - self.started
 
     def load(self) -> dict | None:
         """The saved state, None if there is none; UsageError if it is unreadable or from another run."""
@@ -723,6 +729,7 @@ class Checkpoint:
         if saved != self.fingerprint:
             raise UsageError(f"checkpoint {self.path} belongs to another run (differs in: {fingerprint_diff(saved, self.fingerprint)}); "
                              "pass --overwrite to start afresh or choose another --out")
+        self.earlier = state.get("elapsed", 0.0)
         return state
 
 
@@ -1020,7 +1027,7 @@ def run_experiment(exp: str, args: Args, device) -> str:
     os.makedirs(folder, exist_ok=True)
     names = LWF_NAMES if exp == "lwf" else VARIANT_NAMES
     for variant, seed, stem, checkpoint in runs:
-        start = time.time()
+        checkpoint.started = time.time()
         try:
             result = run_one(exp, variant, seed, args, data, b, checkpoint)
         except Diverged as e:
@@ -1028,7 +1035,7 @@ def run_experiment(exp: str, args: Args, device) -> str:
                            "or --detect-anomaly to find the operation)") from None
         samples = result.pop("samples")
         result.update(exp=exp, variant=variant, name=names[variant], seed=seed,
-                      wall_time_s=round(time.time() - start, 2), machine=machine_name(device),
+                      wall_time_s=round(checkpoint.elapsed(), 2), machine=machine_name(device),
                       fingerprint=checkpoint.fingerprint,
                       config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
         write_json(stem + ".json", result)
@@ -1046,12 +1053,17 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
-def write_text(path: str, text: str) -> None:
-    """Never half-written: a temp file renamed over the target."""
+@contextlib.contextmanager
+def replacing(path: str):
+    """Yields a temp path to write; renamed over `path` once written, so no reader sees half a file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    yield tmp
     os.replace(tmp, path)
+
+
+def write_text(path: str, text: str) -> None:
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def machine_name(device) -> str:
@@ -1068,8 +1080,8 @@ def save_sample_rows(rows: list[torch.Tensor], path: str) -> None:
     """Sample grid: one row per stage (task, link or generator step), images mapped from [-1, 1]."""
     from torchvision.utils import save_image
     grid = torch.cat([r[:SAMPLES_PER_ROW].detach().float().cpu() for r in rows])
-    save_image(grid, path + ".tmp.png", nrow=SAMPLES_PER_ROW, normalize=True, value_range=(-1, 1), pad_value=1.0)
-    os.replace(path + ".tmp.png", path)
+    with replacing(path) as tmp:
+        save_image(grid, tmp, format="png", nrow=SAMPLES_PER_ROW, normalize=True, value_range=(-1, 1), pad_value=1.0)
 
 
 def load_results(folder: str) -> list[dict]:
@@ -1111,8 +1123,8 @@ def plot_experiment(folder: str) -> str:
     fig.suptitle(os.path.basename(os.path.normpath(folder)))
     fig.tight_layout()
     path = os.path.join(folder, "accuracy.png")
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return path
 

@@ -68,12 +68,16 @@ def test_killed_run_resumes_to_the_same_results(tmp_path_factory, argv, exp, kil
     again = run_dgr(*argv, "--out", out)           # without --resume: refused, nothing touched
     assert again.returncode == 2 and "--resume" in again.stderr
 
+    import torch
+    earlier = torch.load(ckpt, weights_only=False)["elapsed"]   # seconds trained before the kill
     resumed = run_dgr(*argv, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     position = re.search(r"resuming from .* at " + resumed_at, resumed.stdout)
     assert position and 30 <= int(position.group(1)) < 60, resumed.stdout[:300]   # mid-task, near step 40
     assert results_of(out, exp) == results_of(whole, exp)
     assert not os.path.exists(ckpt)                # a finished run keeps its JSON, not its checkpoint
+    with open(os.path.join(out, exp, "gr_seed0.json")) as f:
+        assert json.load(f)["wall_time_s"] > earlier > 0   # the wall time counts both sessions
 
 
 def test_resume_skips_finished_runs(uninterrupted):
