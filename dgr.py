@@ -72,6 +72,7 @@ class Args:
     resume: bool = field(default=False, metadata={"help": "continue killed runs from their checkpoints in --out; skip finished ones"})
     overwrite: bool = field(default=False, metadata={"help": "replace results and checkpoints already in --out"})
     detect_anomaly: bool = field(default=False, metadata={"help": "torch.autograd anomaly detection (slow; for debugging NaNs)"})
+    estimate: bool = field(default=False, metadata={"help": "print the runs to do and their expected time (steps timed here), then exit"})
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -652,24 +653,54 @@ def accuracy(solver: Solver, tasks: list[Task], chunk: int = 2000) -> list[float
     return accs
 
 
-class Progress:
-    """Progress lines with rate and ETA over a run's whole budget of steps."""
+STEP_KINDS = ("solver", "replay solver", "generator", "replay generator")   # steps that cost differently
 
-    def __init__(self, label: str, total: int, quiet: bool = False):
-        self.label, self.total, self.done, self.quiet = label, max(1, total), 0, quiet
-        self.start = self.mark = time.time()
+
+class Progress:
+    """Progress lines with rate and ETA. The ETA adds up, for each kind of step (STEP_KINDS; a generator
+    step counts with its critic steps), the steps left times the seconds per step measured so far; a
+    kind not yet seen uses its calibrated cost (`step_costs`), scaled by how far the kinds already
+    measured strayed from theirs. So a GR run, whose generator steps cost ~100x a solver step on a CPU,
+    gets a right ETA from its first generator progress line."""
+
+    def __init__(self, label: str, plan: dict[str, int], cost: dict[str, float] | None = None,
+                 quiet: bool = False, clock=time.monotonic):
+        self.label, self.quiet, self.clock = label, quiet, clock
+        self.plan, self.cost = dict(plan), dict(cost or {})
+        self.done = {k: 0 for k in self.plan}
+        self.seconds = {k: 0.0 for k in self.plan}
+        self.last = self.mark = clock()
         self.mark_done = 0
 
-    def advance(self, n: int = 1):
-        self.done += n
+    def skip(self, counts: dict[str, int]) -> None:
+        """Steps finished before a resume: out of the plan, without a time."""
+        for kind, n in counts.items():
+            self.plan[kind] = self.plan.get(kind, 0) - n
 
-    def line(self, text: str):
-        now = time.time()
-        rate = (self.done - self.mark_done) / max(1e-9, now - self.mark)
-        eta = (now - self.start) / max(1, self.done) * (self.total - self.done)
-        self.mark, self.mark_done = now, self.done
+    def advance(self, kind: str, n: int = 1) -> None:
+        now = self.clock()
+        self.plan.setdefault(kind, 0)
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + now - self.last
+        self.done[kind] = self.done.get(kind, 0) + n
+        self.last = now
+
+    def eta(self) -> float:
+        seen = [k for k in self.plan if self.done.get(k)]
+        calibrated = sum(self.done[k] * self.cost.get(k, 0.0) for k in seen)
+        scale = sum(self.seconds[k] for k in seen) / calibrated if calibrated > 0 else 1.0
+        left = 0.0
+        for kind, total in self.plan.items():
+            done = self.done.get(kind, 0)
+            per_step = self.seconds[kind] / done if done else self.cost.get(kind, 0.0) * scale
+            left += max(0, total - done) * per_step
+        return left
+
+    def line(self, text: str) -> None:
+        now, done = self.clock(), sum(self.done.values())
+        rate = (done - self.mark_done) / max(1e-9, now - self.mark)
+        self.mark, self.mark_done = now, done
         if not self.quiet:
-            print(f"{self.label} | {text} | {rate:.1f} it/s | ETA {fmt_seconds(eta)}", flush=True)
+            print(f"{self.label} | {text} | {rate:.1f} it/s | ETA {fmt_seconds(self.eta())}", flush=True)
 
 
 def fmt_seconds(s: float) -> str:
@@ -677,19 +708,86 @@ def fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def task_units(b: Budget, train_generator: bool, warmup: bool = False) -> int:
-    """Work of one task in solver-step units (a generator step with its critic steps counts n_critic+1)."""
-    return b.solver_iters + (b.warmup_iters if warmup else 0) + (b.gen_iters * (b.n_critic + 1) if train_generator else 0)
+def task_plan(b: Budget, replays: bool, train_generator: bool, warmup: bool = False) -> dict[str, int]:
+    """Steps of one task by kind (STEP_KINDS); the LwF head warm-up counts as solver steps."""
+    plan = {"replay solver" if replays else "solver": b.solver_iters}
+    if warmup and b.warmup_iters:
+        plan["solver"] = plan.get("solver", 0) + b.warmup_iters
+    if train_generator:
+        plan["replay generator" if replays else "generator"] = b.gen_iters
+    return plan
 
 
-class Diverged(Exception):
-    """A non-finite loss: the run stops (after its last checkpoint) rather than poison what follows."""
+def add_plans(plans) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for plan in plans:
+        for kind, n in plan.items():
+            total[kind] = total.get(kind, 0) + n
+    return total
 
 
-def check_finite(progress: "Progress", where: str, **losses) -> None:
+def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, reps: int = 2) -> dict[str, float]:
+    """Seconds per step of each kind (STEP_KINDS), timed on random inputs of `shape` (after one warm-up
+    step); the random streams of the caller are left as they were."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        s = Scholar(shape, b, n_heads, with_generator=generative).to(device)
+        x = torch.rand(256, *shape, device=device) * 2 - 1
+        task = Task("calibration", x, torch.randint(10, (256,), device=device), x, None)
+        old = s.frozen_copy()
+        replay = Replay("gr" if generative else "noise", old)
+        steps = {"solver": lambda: solver_step(s, task, Replay(), 1.0, b.batch),
+                 "replay solver": lambda: solver_step(s, task, replay, 0.5, b.batch)}
+        if generative:
+            def generator_iteration(rep):
+                for _ in range(b.n_critic):
+                    critic_step(s, generator_inputs(task, rep, 0.5, b.gen_batch), b.lam)
+                generator_step(s, b.gen_batch)
+            steps["generator"] = lambda: generator_iteration(Replay())
+            steps["replay generator"] = lambda: generator_iteration(replay)
+        costs = {}
+        for kind, step in steps.items():
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            costs[kind] = (time.perf_counter() - t0) / reps
+    return costs
+
+
+class RunStopped(Exception):
+    """A run cannot go on (exit 3): its message names the last checkpoint to resume from."""
+
+
+class Diverged(RunStopped):
+    """A non-finite loss or weight: the run stops rather than poison what follows or its checkpoint."""
+
+
+def check_finite(where: str, **losses) -> None:
     for name, value in losses.items():
         if not math.isfinite(float(value)):
-            raise Diverged(f"{progress.label}: non-finite {name} loss ({float(value)}) at {where}")
+            raise Diverged(f"non-finite {name} loss ({float(value)}) at {where}")
+
+
+def first_non_finite(obj, name: str = "") -> str | None:
+    """The name of the first floating tensor in a (nested) dict/list that holds a NaN or inf, else None."""
+    if isinstance(obj, torch.Tensor):
+        return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        bad = first_non_finite(value, f"{name}.{key}" if name else str(key))
+        if bad:
+            return bad
+    return None
 
 
 class Checkpoint:
@@ -707,9 +805,13 @@ class Checkpoint:
     def save(self, phase: str, step: int, stage: int | None = None) -> None:
         if not self.path:
             return
-        state = {"fingerprint": self.fingerprint, "rng": rng_state(), **self.snapshot(),
-                 "elapsed": self.elapsed(),
-                 "position": {"stage": self.stage if stage is None else stage, "phase": phase, "step": step}}
+        position = {"stage": self.stage if stage is None else stage, "phase": phase, "step": step}
+        learnt = self.snapshot()
+        bad = first_non_finite(learnt)   # one host sync per save; a poisoned state never replaces a good one
+        if bad:
+            raise Diverged(f"non-finite values in {bad} at task {position['stage'] + 1} {phase} step {step}, not saved")
+        state = {"fingerprint": self.fingerprint, "rng": rng_state(), **learnt, "elapsed": self.elapsed(),
+                 "position": position}
         with replacing(self.path) as tmp:
             torch.save(state, tmp)
 
@@ -727,7 +829,7 @@ class Checkpoint:
         except Exception as e:
             raise UsageError(f"checkpoint {self.path} is unreadable ({type(e).__name__}); delete it or pass --overwrite") from None
         if saved != self.fingerprint:
-            raise UsageError(f"checkpoint {self.path} belongs to another run (differs in: {fingerprint_diff(saved, self.fingerprint)}); "
+            raise UsageError(f"checkpoint {self.path} {other_run(saved, self.fingerprint)}; "
                              "pass --overwrite to start afresh or choose another --out")
         self.earlier = state.get("elapsed", 0.0)
         return state
@@ -771,7 +873,8 @@ def train_task(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, *, t
     `on_samples(gen_step, samples)` is called at the generator steps listed in b.sample_at. Evaluation
     points go to `curves`; `checkpoint` is saved every checkpoint.every steps, `start` ({phase, step})
     continues a task from such a checkpoint."""
-    progress = progress or Progress(task.name, task_units(b, train_generator), quiet=True)
+    replays = replay.kind != "none"
+    progress = progress or Progress(task.name, task_plan(b, replays, train_generator, replays), quiet=True)
     checkpoint = checkpoint or Checkpoint()
     curves = [] if curves is None else curves
     phase, done = (start or {}).get("phase", "start"), (start or {}).get("step", 0)
@@ -783,9 +886,9 @@ def train_task(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, *, t
     if phase == "solver":
         for step in range(done + 1, b.solver_iters + 1):
             loss = solver_step(s, task, replay, r, b.batch)
-            progress.advance()
+            progress.advance("replay solver" if replays else "solver")
             if step % b.eval_every == 0 or step == b.solver_iters:
-                check_finite(progress, f"task {task.name} solver step {step}", solver=loss)
+                check_finite(f"task {task.name} solver step {step}", solver=loss)
                 accs = accuracy(s.solver, eval_tasks) if eval_tasks else []
                 avg = sum(accs) / max(1, len(accs))
                 curves.append({"task": task.name, "step": step0 + step, "acc": accs, "avg": avg, "loss": float(loss)})
@@ -795,7 +898,8 @@ def train_task(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, *, t
                 checkpoint.save("solver", step)
         phase, done = "generator", 0
     if train_generator and s.generator is not None:
-        train_generator_on(s, task, replay, r, b, progress, on_samples, first=done + 1, checkpoint=checkpoint)
+        train_generator_on(s, task, replay, r, b, progress, on_samples, first=done + 1, checkpoint=checkpoint,
+                           kind="replay generator" if replays else "generator")
     return curves
 
 
@@ -811,24 +915,24 @@ def warm_up_head(s: Scholar, task: Task, b: Budget, progress: Progress):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        progress.advance()
+        progress.advance("solver")
     loss = loss.detach()
-    check_finite(progress, f"task {task.name} head warm-up", warm_up=loss)
+    check_finite(f"task {task.name} head warm-up", warm_up=loss)
     progress.line(f"task {task.name} head warm-up {b.warmup_iters} steps loss {float(loss):.3f}")
 
 
 def train_generator_on(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, progress: Progress, on_samples=None,
-                       first: int = 1, checkpoint: Checkpoint | None = None):
+                       first: int = 1, checkpoint: Checkpoint | None = None, kind: str = "generator"):
     log_every = max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
     for step in range(first, b.gen_iters + 1):
         for _ in range(b.n_critic):
             critic_loss = critic_step(s, generator_inputs(task, replay, r, b.gen_batch), b.lam)
         gen_loss = generator_step(s, b.gen_batch)
-        progress.advance(b.n_critic + 1)
+        progress.advance(kind)
         if on_samples and step in b.sample_at:
             on_samples(step, s.sample(SAMPLES_PER_ROW))
         if step % log_every == 0 or step == b.gen_iters:
-            check_finite(progress, f"task {task.name} generator step {step}", critic=critic_loss, generator=gen_loss)
+            check_finite(f"task {task.name} generator step {step}", critic=critic_loss, generator=gen_loss)
             progress.line(f"task {task.name} generator {step}/{b.gen_iters} critic {float(critic_loss):.3f} "
                           f"generator {float(gen_loss):.3f}")
         if checkpoint and checkpoint.due(step):
@@ -849,18 +953,16 @@ def replay_share(args: Args, i: int) -> float:
 
 def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str, *, n_heads: int = 1,
                  samples_each_step: bool = False, samples_each_task: bool = False,
-                 checkpoint: Checkpoint | None = None) -> dict:
+                 checkpoint: Checkpoint | None = None, costs: dict | None = None) -> dict:
     """Learn tasks one after another with replay `kind`; accuracy on all tasks after each one."""
     shape = tuple(tasks[0].x_train.shape[1:])
     generative = kind in ("gr", "gr+distill")
     s = Scholar(shape, b, n_heads, with_generator=generative).to(tasks[0].x_train.device)
-    # the generator of the last task serves no later task; train it only when its samples are shown
-    needs_gen = [i < len(tasks) - 1 or samples_each_step or samples_each_task for i in range(len(tasks))]
-    units = [task_units(b, generative and g, i > 0) for i, g in enumerate(needs_gen)]
+    plans = sequence_plans(len(tasks), kind, b, train_last_generator=samples_each_step or samples_each_task)
     run = {"curves": [], "acc_after": [], "samples": {}, "old": None, "ewc": None}
     checkpoint, pos = resume_run(checkpoint, lambda: s, run)
-    progress = Progress(label, sum(units))
-    progress.advance(sum(units[:pos["stage"]]))
+    progress = Progress(label, add_plans(plans), costs)
+    progress.skip(add_plans(plans[:pos["stage"]]))
     for i in range(pos["stage"], len(tasks)):
         task, checkpoint.stage = tasks[i], i
         start = pos if i == pos["stage"] else {"phase": "start", "step": 0}
@@ -872,7 +974,8 @@ def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str
         task_b = b if i > 0 else dataclasses.replace(b, warmup_iters=0)
         keep = (lambda step, x, i=i: run["samples"].setdefault(f"task{i + 1}", []).append((step, x))) if samples_each_step else None
         train_task(s, task, replay, replay_share(args, i) if replay.kind not in ("none", "ewc") else 1.0, task_b,
-                   train_generator=needs_gen[i], eval_tasks=tasks[:i + 1], progress=progress, on_samples=keep,
+                   train_generator=generative and trains_generator(plans[i]), eval_tasks=tasks[:i + 1],
+                   progress=progress, on_samples=keep,
                    step0=i * b.solver_iters, curves=run["curves"], checkpoint=checkpoint, start=start)
         run["acc_after"].append(accuracy(s.solver, tasks))
         if kind == "ewc" and i < len(tasks) - 1:
@@ -884,6 +987,25 @@ def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str
     final = run["acc_after"][-1]
     return {"tasks": [t.name for t in tasks], "curves": run["curves"], "acc_after_task": run["acc_after"],
             "final": {"acc": final, "avg": sum(final) / len(tasks)}, "samples": run["samples"]}
+
+
+def sequence_plans(n_tasks: int, kind: str, b: Budget, train_last_generator: bool) -> list[dict[str, int]]:
+    """Steps by kind of each task of run_sequence. The generator of the last task serves no later task:
+    it is trained only when its samples are shown."""
+    generative = kind in ("gr", "gr+distill")
+    return [task_plan(b, replays=i > 0 and kind != "none", warmup=i > 0 and kind != "none",
+                      train_generator=generative and (i < n_tasks - 1 or train_last_generator)) for i in range(n_tasks)]
+
+
+def chain_plans(kind: str, b: Budget, links: int) -> list[dict[str, int]]:
+    """Steps by kind of each link of run_chain; without replay, links after the first learn nothing."""
+    generative = kind in ("gr", "gr+distill")
+    return [task_plan(b, replays=k > 0, train_generator=generative and k < links - 1) if k == 0 or kind != "none" else {}
+            for k in range(links)]
+
+
+def trains_generator(plan: dict[str, int]) -> bool:
+    return bool(plan.get("generator") or plan.get("replay generator"))
 
 
 def make_replay(kind: str, args: Args, old: Scholar | None, pool: list, head: int) -> Replay:
@@ -918,25 +1040,24 @@ def resume_run(checkpoint: Checkpoint | None, scholar, run: dict) -> tuple[Check
 
 
 def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: int = 5,
-              checkpoint: Checkpoint | None = None) -> dict:
+              checkpoint: Checkpoint | None = None, costs: dict | None = None) -> dict:
     """Table 1: scholar 1 learns MNIST; scholar k>1 learns only from scholar k-1's samples and labels."""
     shape = tuple(task.x_train.shape[1:])
-    trains = [k == 0 or kind != "none" for k in range(links)]
+    plans = chain_plans(kind, b, links)
     generative = kind in ("gr", "gr+distill")
-    units = [task_units(b, generative and k < links - 1) if t else 0 for k, t in enumerate(trains)]
     new_scholar = lambda: Scholar(shape, b, with_generator=generative).to(task.x_train.device)
     s = new_scholar()
     run = {"curves": [], "acc_after": [[]], "samples": {}, "old": None}   # "old": the previous link's scholar
     checkpoint, pos = resume_run(checkpoint, lambda: s, run)   # the getter sees each link's new scholar
-    progress = Progress(label, sum(units))
-    progress.advance(sum(units[:pos["stage"]]))
+    progress = Progress(label, add_plans(plans), costs)
+    progress.skip(add_plans(plans[:pos["stage"]]))
     for k in range(pos["stage"], links):
         checkpoint.stage = k
         start = pos if k == pos["stage"] else {"phase": "start", "step": 0}
         if k > 0 and start["phase"] == "start":
             s = new_scholar()   # each link learns from scratch
         replay = make_replay(kind, args, run["old"] if k else None, [task.x_train], 0)
-        if trains[k]:
+        if plans[k]:
             train_task(s, task, replay, 1.0 if k == 0 else 0.0, b, train_generator=k < links - 1, eval_tasks=[task],
                        progress=progress, step0=k * b.solver_iters, curves=run["curves"], checkpoint=checkpoint, start=start)
         run["acc_after"][0].append(accuracy(s.solver, [task])[0])
@@ -949,19 +1070,23 @@ def run_chain(task: Task, kind: str, args: Args, b: Budget, label: str, links: i
             "final": {"acc": accs, "avg": sum(accs) / links}, "samples": run["samples"]}
 
 
+MNIST28_EXPERIMENTS = ("chain", "permuted", "split")   # 28x28x1 MNIST, MLP solver; the others 32x32x3, CNN
+
+
 def load_data(exp: str, args: Args, device) -> dict:
     """The base datasets an experiment needs, loaded once for all its runs."""
-    if exp in ("chain", "permuted", "split"):
+    if exp in MNIST28_EXPERIMENTS:
         return {"mnist": load_mnist(args.data_dir, device)}
     return {"mnist": load_mnist(args.data_dir, device, rgb32=True), "svhn": load_svhn(args.data_dir, device)}
 
 
 def run_one(exp: str, variant: str, seed: int, args: Args, data: dict, b: Budget,
-            checkpoint: Checkpoint | None = None) -> dict:
-    """One run (experiment, variant, seed) from scratch, or from `checkpoint` if it holds one."""
+            checkpoint: Checkpoint | None = None, costs: dict | None = None) -> dict:
+    """One run (experiment, variant, seed) from scratch, or from `checkpoint` if it holds one; `costs`
+    (seconds per step of each kind, from step_costs) feed the ETA before a kind has been timed."""
     torch.manual_seed(seed)
     names = LWF_NAMES if exp == "lwf" else VARIANT_NAMES
-    label, ck = f"{exp} {names[variant]} seed {seed}", {"checkpoint": checkpoint}
+    label, ck = f"{exp} {names[variant]} seed {seed}", {"checkpoint": checkpoint, "costs": costs}
     if exp == "chain":
         return run_chain(make_task("mnist", data["mnist"], b, seed), variant, args, b, label, **ck)
     if exp == "permuted":
@@ -976,6 +1101,26 @@ def run_one(exp: str, variant: str, seed: int, args: Args, data: dict, b: Budget
     return run_sequence(tasks, variant, args, b, label, samples_each_step=True, **ck)
 
 
+def run_plan(exp: str, variant: str, b: Budget) -> list[dict[str, int]]:
+    """Steps by kind of each task of the run that run_one makes, without running it."""
+    if exp == "chain":
+        return chain_plans(variant, b, links=5)
+    n_tasks = {"permuted": b.n_tasks, "split": len(SPLIT_CLASSES)}.get(exp, 2)
+    kind = "current" if exp == "lwf" and variant == "none" else variant
+    return sequence_plans(n_tasks, kind, b, train_last_generator=exp in ("split", "mnist-svhn", "svhn-mnist"))
+
+
+def expected_time(exp: str, b: Budget, variants: list[str], device) -> tuple[float, dict[str, float]]:
+    """Expected seconds of runs of `variants` (one entry per run) and the step costs it rests on."""
+    if not variants:
+        return 0.0, {}
+    shape = (1, 28, 28) if exp in MNIST28_EXPERIMENTS else (3, 32, 32)
+    generative = any(v in ("gr", "gr+distill") for v in variants)
+    costs = step_costs(shape, b, device, generative, n_heads=2 if exp == "lwf" else 1)
+    seconds = sum(n * costs[kind] for v in variants for kind, n in add_plans(run_plan(exp, v, b)).items())
+    return seconds, costs
+
+
 def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget) -> dict:
     """What makes two runs the same run: a checkpoint or result resumes only under the same fingerprint."""
     return json.loads(json.dumps({"exp": exp, "variant": variant, "seed": seed, "preset": args.preset, "r": args.r,
@@ -985,8 +1130,10 @@ def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget) ->
 
 def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, int, str, Checkpoint]]:
     """The runs to do, each (variant, seed, stem, checkpoint); checks what --out already holds first,
-    so that a refusal (exit 2) happens before anything in it is overwritten."""
+    so that a refusal (exit 2) happens before anything in it is overwritten. With --estimate it reads
+    --out as --resume would and changes nothing."""
     runs, held = [], []
+    resume = args.resume or (args.estimate and not args.overwrite)
     for variant in variant_list(args):
         for seed in range(args.seeds):
             stem = os.path.join(folder, f"{variant}_seed{seed}")
@@ -995,52 +1142,91 @@ def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, i
             done = os.path.exists(stem + ".json")
             if (done or os.path.exists(checkpoint.path)) and not args.overwrite:
                 held.append(stem)
-            if args.resume and os.path.exists(checkpoint.path):
+            if resume and os.path.exists(checkpoint.path):
                 checkpoint.load()                       # unreadable or another run's: UsageError now
-            elif args.resume and done:
+            elif resume and done:
                 with open(stem + ".json") as f:
                     saved = json.load(f).get("fingerprint", {})
                 if saved != fingerprint:
-                    raise UsageError(f"{stem}.json holds another run (differs in: {fingerprint_diff(saved, fingerprint)}); "
-                                     "pass --overwrite to replace it or choose another --out")
+                    raise UsageError(f"{stem}.json {other_run(saved, fingerprint)}; pass --overwrite to replace it "
+                                     "or choose another --out")
                 print(f"{stem}.json: finished earlier, kept", flush=True)
                 continue
-            elif args.overwrite and os.path.exists(checkpoint.path):
+            elif args.overwrite and not args.estimate and os.path.exists(checkpoint.path):
                 os.remove(checkpoint.path)
             runs.append((variant, seed, stem, checkpoint))
-    if held and not (args.resume or args.overwrite):
+    if held and not (resume or args.overwrite):
         raise UsageError(f"{folder} already holds results or checkpoints of these runs ({len(held)}): pass --resume to "
                          "continue them, --overwrite to replace them, or choose another --out")
     return runs
 
 
-def run_experiment(exp: str, args: Args, device) -> str:
-    """All variants and seeds of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
+def other_run(saved: dict, fingerprint: dict) -> str:
+    """Why a saved result or checkpoint is not this run's: another version of dgr.py, or other settings."""
+    if set(saved) != set(fingerprint):
+        missing, extra = sorted(set(fingerprint) - set(saved)), sorted(set(saved) - set(fingerprint))
+        return ("was written by another version of dgr.py (its settings " + "; ".join(
+            part for part in (missing and "lack " + ", ".join(missing), extra and "have " + ", ".join(extra)) if part) + ")")
+    return f"belongs to another run (differs in: {fingerprint_diff(saved, fingerprint)})"
+
+
+def prepare_experiment(exp: str, args: Args) -> tuple[Budget, str, list]:
+    """Budget, folder and runs to do of one experiment; refuses bad combinations and conflicts in --out."""
     b = budget_for(args, exp)
     if "ewc" in variant_list(args) and exp not in EWC_EXPERIMENTS:
         raise UsageError(f"variant ewc applies to {' and '.join(EWC_EXPERIMENTS)}, not {exp}")
     if exp == "lwf" and "gr+distill" in variant_list(args):
         raise UsageError("lwf already distils (LwF); its variants are gr, er, noise, none")
     folder = os.path.join(args.out, exp)
-    runs = plan_runs(exp, args, b, folder)
+    return b, folder, plan_runs(exp, args, b, folder)
+
+
+def check_writable(folder: str) -> None:
+    """Make `folder` and write a file in it, or one UsageError naming the folder and the reason."""
+    import tempfile
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write results to {os.path.abspath(folder)} ({e.strerror or e}); "
+                         "choose another --out") from None
+
+
+def announce(exp: str, b: Budget, runs: list, device) -> tuple[float, dict[str, float]]:
+    """Print the runs to do and their expected time (from step costs timed here); return both."""
+    seconds, costs = expected_time(exp, b, [variant for variant, *_ in runs], device)
+    if runs:
+        per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())
+        print(f"{exp}: {len(runs)} run(s) to do, expected about {fmt_seconds(seconds)} on {machine_name(device)} "
+              f"(per step: {per_step}; a generator step includes its {b.n_critic} critic steps)", flush=True)
+    else:
+        print(f"{exp}: nothing to do", flush=True)
+    return seconds, costs
+
+
+def run_experiment(exp: str, args: Args, device, b: Budget, folder: str, runs: list, costs: dict) -> str:
+    """All planned runs of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
     data = load_data(exp, args, device)
-    os.makedirs(folder, exist_ok=True)
     names = LWF_NAMES if exp == "lwf" else VARIANT_NAMES
     for variant, seed, stem, checkpoint in runs:
         checkpoint.started = time.time()
         try:
-            result = run_one(exp, variant, seed, args, data, b, checkpoint)
-        except Diverged as e:
-            raise Diverged(f"{e}; the last checkpoint is {checkpoint.path} (rerun with --resume after a fix, "
-                           "or --detect-anomaly to find the operation)") from None
-        samples = result.pop("samples")
-        result.update(exp=exp, variant=variant, name=names[variant], seed=seed,
-                      wall_time_s=round(checkpoint.elapsed(), 2), machine=machine_name(device),
-                      fingerprint=checkpoint.fingerprint,
-                      config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
-        write_json(stem + ".json", result)
-        for key, rows in samples.items():
-            save_sample_rows([x for _, x in rows], f"{stem}_samples_{key}.png")
+            result = run_one(exp, variant, seed, args, data, b, checkpoint, costs)
+            samples = result.pop("samples")
+            result.update(exp=exp, variant=variant, name=names[variant], seed=seed,
+                          wall_time_s=round(checkpoint.elapsed(), 2), machine=machine_name(device),
+                          fingerprint=checkpoint.fingerprint,
+                          config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
+            write_json(stem + ".json", result)
+            for key, rows in samples.items():
+                save_sample_rows([x for _, x in rows], f"{stem}_samples_{key}.png")
+        except (Diverged, OSError) as e:
+            what = f"{exp} {names[variant]} seed {seed}: " + (str(e) if isinstance(e, Diverged) else f"writing failed ({e})")
+            last = (f"the last checkpoint is {checkpoint.path}" if os.path.exists(checkpoint.path)
+                    else "no checkpoint was saved")
+            hint = "--detect-anomaly to find the operation" if isinstance(e, Diverged) else "free space or choose another --out"
+            raise RunStopped(f"{what}; {last} (rerun with --resume after a fix; {hint})") from None
         if os.path.exists(checkpoint.path):
             os.remove(checkpoint.path)
         print(f"{exp} {names[variant]} seed {seed}: final avg {result['final']['avg']:.2f} % "
@@ -1055,10 +1241,16 @@ def write_json(path: str, obj) -> None:
 
 @contextlib.contextmanager
 def replacing(path: str):
-    """Yields a temp path to write; renamed over `path` once written, so no reader sees half a file."""
+    """Yields a temp path to write; renamed over `path` once written, so no reader sees half a file
+    (a failed write removes the temp file and leaves `path` as it was)."""
     tmp = path + ".tmp"
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_text(path: str, text: str) -> None:
@@ -1280,11 +1472,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.exp == "bench":
             print(run_bench(args, device))
             return 0
-        summaries = [run_experiment(exp, args, device) for exp in (EXPERIMENTS if args.exp == "all" else (args.exp,))]
+        planned = {exp: prepare_experiment(exp, args) for exp in (EXPERIMENTS if args.exp == "all" else (args.exp,))}
+        if not args.estimate:   # every refusal (exit 2) before anything heavy starts
+            for b, folder, runs in planned.values():
+                check_writable(folder)
+        expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
+        if len(planned) > 1:
+            print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
+        if args.estimate:
+            return 0
+        summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1]) for exp in planned]
     except UsageError as e:
         print(f"dgr.py: error: {e}", file=sys.stderr)
         return 2
-    except Diverged as e:
+    except RunStopped as e:
         print(f"dgr.py: stopped: {e}", file=sys.stderr)
         return 3
     if len(summaries) > 1:

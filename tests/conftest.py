@@ -1,4 +1,7 @@
-"""Shared helpers: the real MNIST from $DGR_DATA, small SVHN-format .mat files, running dgr.py in a subprocess."""
+"""Shared helpers: the real MNIST, small SVHN-format .mat files, running dgr.py in a subprocess.
+
+MNIST comes from $DGR_DATA, else from the project's default data folder (./data), where torchvision
+downloads it if it is missing; CI points DGR_DATA at ../shared/data."""
 import os
 import subprocess
 import sys
@@ -7,25 +10,35 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)   # tests import dgr.py from the checkout
-DATA = os.path.abspath(os.environ.get("DGR_DATA") or os.path.join(ROOT, "..", "shared", "data"))
-
-# torchvision's SVHN checks each file's md5; our small synthesized files fail it, so only that check is
-# replaced and the real loading path (scipy.io.loadmat, label 10 -> 0, NCHW) stays under test.
-SVHN_PATCH = ("import runpy, sys, torchvision.datasets as d; d.SVHN._check_integrity = lambda self: True; "
-              "sys.argv = ['dgr.py'] + sys.argv[1:]; runpy.run_path('dgr.py', run_name='__main__')")
+DATA = os.path.abspath(os.environ.get("DGR_DATA") or os.path.join(ROOT, "data"))
+PATCHED = os.path.join(ROOT, "tests", "patched_dgr.py")
 
 
-def run_dgr(*args, data_dir=DATA, patch_svhn=False, timeout=600):
-    """Run the real CLI in a subprocess; return the CompletedProcess (text output)."""
-    cmd = [sys.executable, "-c", SVHN_PATCH] if patch_svhn else [sys.executable, "dgr.py"]
-    env = {**os.environ, "DGR_DATA": data_dir, "PYTHONUNBUFFERED": "1"}
+def run_dgr(*args, data_dir=None, patches=(), timeout=600):
+    """Run the real CLI in a subprocess, through tests/patched_dgr.py when `patches` are named; return
+    the CompletedProcess (text output)."""
+    cmd = [sys.executable, PATCHED] if patches else [sys.executable, "dgr.py"]
+    env = {**os.environ, "DGR_DATA": data_dir or DATA, "PYTHONUNBUFFERED": "1", "DGR_TEST_PATCHES": ",".join(patches)}
     return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+_mnist = {}
+
+
 def require_mnist():
-    raw = os.path.join(DATA, "MNIST", "raw")
-    if not os.path.exists(os.path.join(raw, "train-images-idx3-ubyte")):
-        pytest.fail(f"real MNIST not found in {raw}: set DGR_DATA to a folder holding MNIST/raw/*-ubyte")
+    """The real MNIST under DATA: found there, or downloaded by torchvision; else one clear failure."""
+    if "error" not in _mnist:
+        import dgr
+        from torchvision.datasets import MNIST
+        expected = ", ".join(os.path.join(DATA, "MNIST", "raw", f) for f in dgr.MNIST_FILES)
+        try:   # as dgr.py gets it: found, else downloaded, else a UsageError that names folder and files
+            for train in (True, False):
+                dgr.open_dataset(MNIST, DATA, expected, os.path.join(DATA, "MNIST"), train=train)
+            _mnist["error"] = None
+        except dgr.UsageError as e:
+            _mnist["error"] = str(e)
+    if _mnist["error"]:
+        pytest.fail(f"real MNIST needed: {_mnist['error']}")
 
 
 def write_fake_svhn(root, n_train=800, n_test=400, seed=0):
