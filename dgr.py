@@ -52,8 +52,10 @@ class Args:
                                                    "choices": EXPERIMENTS + ("all", "bench")})
     variants: str = field(default="gr,er,noise,none", metadata={"help": "comma-separated variants among " + ",".join(VARIANTS)
                                                                 + " (gr+distill: soft targets at --temperature; ewc: online EWC, permuted and split only)"})
-    preset: str = field(default="paper", metadata={"help": "training budgets: paper (as in the README) or quick (CPU smoke run)",
-                                                   "choices": ("paper", "quick")})
+    preset: str = field(default="auto", metadata={"help": "training budgets (README): paper (the literature's; wants a GPU), "
+                                                  "fast (for a CPU, chosen from the measured frontier), quick (smoke "
+                                                  "test), or auto: paper where CUDA is available, else fast",
+                                                  "choices": ("auto", "paper", "fast", "quick")})
     seeds: int = field(default=1, metadata={"help": "number of seeds; runs seeds 0..N-1"})
     r: float | None = field(default=None, metadata={"help": "real-data share r in [0,1] on tasks after the first (default 1/i on task i)"})
     replay_targets: str = field(default="hard", metadata={"help": "label replayed inputs with the old solver's argmax (hard) or probabilities (soft)",
@@ -68,6 +70,8 @@ class Args:
     solver_iters: int = field(default=0, metadata={"help": "solver steps per task (0: preset's)"})
     gen_iters: int = field(default=0, metadata={"help": "generator steps per task, each after 5 critic steps (0: preset's)"})
     eval_every: int = field(default=0, metadata={"help": "evaluate and print a progress line every k solver steps (0: preset's)"})
+    budget: str = field(default="", metadata={"help": "override the preset's budgets: name=value,... of Budget's fields, "
+                                                      "e.g. gan=mlp,width=256,gen_lr=2e-4"})
     checkpoint_every: int = field(default=1000, metadata={"help": "also checkpoint every k solver or generator steps inside a task (0: task boundaries only)"})
     resume: bool = field(default=False, metadata={"help": "continue killed runs from their checkpoints in --out; skip finished ones"})
     overwrite: bool = field(default=False, metadata={"help": "replace results and checkpoints already in --out"})
@@ -127,7 +131,8 @@ class Budget:
     eval_every: int = 250         # evaluate every k solver steps
     train_limit: int = 0          # use at most this many training images per task (0: all)
     test_limit: int = 0           # evaluate on at most this many test images per task (0: all)
-    width: int = 64               # generator/critic base channels (critic 64-128-256)
+    gan: str = "conv"             # conv: DCGAN convolutions; mlp: fully connected (~10x cheaper on a CPU)
+    width: int = 64               # conv: base channels (critic 64-128-256); mlp: hidden units (z-w-2w-out, in-2w-w-1)
     hidden: int = 400             # MLP solver hidden units (784-400-400-10)
     cnn_channels: int = 32        # CNN solver channels (32-64) for 32x32x3 inputs
     n_tasks: int = 10             # permuted MNIST tasks
@@ -136,7 +141,8 @@ class Budget:
     z_dim: int = 100
     n_critic: int = 5
     lam: float = 10.0             # gradient-penalty weight
-    gen_lr: float = 1e-4          # Adam(0.5, 0.9) for generator and critic
+    gen_lr: float = 1e-4          # Adam(0.5, 0.9) for the generator
+    critic_lr: float = 0.0        # Adam(0.5, 0.9) for the critic (0: gen_lr; another value is the TTUR)
     solver_lr: float = 1e-3       # Adam(0.9, 0.999) for the solver
     ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, README)
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
@@ -150,6 +156,19 @@ PAPER = {
     "svhn-mnist": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
     "lwf": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, warmup_iters=1000),
 }
+# fast: for a CPU. split's budget is a point of the frontier of split GR measured on 2 cores (README,
+# reference/frontier/): a fully connected WGAN-GP (~10x cheaper per image on a CPU than the DCGAN
+# convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver at lr 3e-4. The
+# other experiments take the same GAN with their paper solver budgets (provisional: not yet measured).
+FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4)
+FAST = {
+    "chain": Budget(solver_iters=5000, gen_iters=1500, eval_every=1000, **FAST_GAN),
+    "permuted": Budget(solver_iters=5000, gen_iters=800, eval_every=500, **FAST_GAN),
+    "split": Budget(solver_iters=1000, gen_iters=800, eval_every=250, solver_lr=3e-4, **FAST_GAN),
+    "mnist-svhn": Budget(solver_iters=5000, gen_iters=2000, eval_every=500, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
+    "svhn-mnist": Budget(solver_iters=5000, gen_iters=2000, eval_every=500, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
+    "lwf": Budget(solver_iters=5000, gen_iters=2000, eval_every=500, warmup_iters=1000, **FAST_GAN),
+}
 # quick: a smoke test that runs every experiment on 2 CPU cores in well under a minute, not a reproduction.
 # Its tiny GAN needs lr 1e-3 (measured, width 16: split GR 86 % with lr 1e-3, 22 % with 1e-4 after 100 steps).
 QUICK_COMMON = dict(solver_iters=150, gen_iters=60, batch=64, gen_batch=16, eval_every=50, train_limit=3000,
@@ -162,13 +181,32 @@ for _exp in ("mnist-svhn", "svhn-mnist"):
 
 
 def budget_for(args: Args, exp: str) -> Budget:
-    b = copy.deepcopy((PAPER if args.preset == "paper" else QUICK)[exp])
+    preset = args.preset if args.preset != "auto" else "paper" if torch.cuda.is_available() else "fast"   # main: by device
+    b = copy.deepcopy({"paper": PAPER, "fast": FAST, "quick": QUICK}[preset][exp])
     for name in ("solver_iters", "gen_iters", "eval_every"):
         if getattr(args, name):
             setattr(b, name, getattr(args, name))
     if args.tasks:
         b.n_tasks = args.tasks
-    return b
+    return dataclasses.replace(b, **budget_overrides(args.budget))
+
+
+def budget_overrides(text: str) -> dict:
+    """`name=value,...` -> {name: value} with each value of its Budget field's type; UsageError if bad."""
+    fields = {f.name: f for f in dataclasses.fields(Budget)}
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            raise UsageError(f"--budget: {item!r} is not name=value with a name among {', '.join(fields)}")
+        kind = type(fields[name].default)
+        try:
+            out[name] = tuple(int(v) for v in value.split(":")) if kind is tuple else kind(value)
+        except ValueError:
+            raise UsageError(f"--budget: {name} takes a {kind.__name__}, got {value!r}") from None
+    if out.get("gan", "conv") not in ("conv", "mlp"):
+        raise UsageError(f"--budget: gan is conv or mlp, got {out['gan']!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,6 +352,26 @@ def make_critic(shape, width=64) -> nn.Sequential:
         nn.Flatten(), nn.Linear(4 * width * 16, 1))
 
 
+class MLPGenerator(nn.Module):
+    """z -> image in [-1, 1] through fully connected layers z-w-2w-(C*H*W) with batch norm (w=width)."""
+
+    def __init__(self, shape, z_dim=100, width=256):
+        super().__init__()
+        self.z_dim, self.shape = z_dim, tuple(shape)
+        self.net = nn.Sequential(nn.Linear(z_dim, width), nn.BatchNorm1d(width), nn.ReLU(),
+                                 nn.Linear(width, 2 * width), nn.BatchNorm1d(2 * width), nn.ReLU(),
+                                 nn.Linear(2 * width, math.prod(shape)), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(z).view(len(z), *self.shape)
+
+
+def make_mlp_critic(shape, width=256) -> nn.Sequential:
+    """Image -> score through fully connected layers (C*H*W)-2w-w-1, leaky ReLU, no batch norm."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), 2 * width), nn.LeakyReLU(0.2),
+                         nn.Linear(2 * width, width), nn.LeakyReLU(0.2), nn.Linear(width, 1))
+
+
 class Solver(nn.Module):
     """Classifier: MLP 784-400-400 for 28x28x1, CNN for 32x32x3, then one 10-way linear head per task."""
 
@@ -343,13 +401,13 @@ class Scholar(nn.Module):
         self.shape, self.z_dim = tuple(shape), b.z_dim
         self.solver = Solver(shape, 10, n_heads, b.hidden, b.cnn_channels)
         self.solver_opt = torch.optim.Adam(self.solver.parameters(), lr=b.solver_lr)
-        self.generator = Generator(shape, b.z_dim, b.width) if with_generator else None
-        self.critic = make_critic(shape, b.width) if with_generator else None
+        self.generator = (Generator if b.gan == "conv" else MLPGenerator)(shape, b.z_dim, b.width) if with_generator else None
+        self.critic = (make_critic if b.gan == "conv" else make_mlp_critic)(shape, b.width) if with_generator else None
         if with_generator:   # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores
             self.generator.to(memory_format=torch.channels_last)
             self.critic.to(memory_format=torch.channels_last)
             self.gen_opt = torch.optim.Adam(self.generator.parameters(), lr=b.gen_lr, betas=(0.5, 0.9))
-            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=b.gen_lr, betas=(0.5, 0.9))
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=b.critic_lr or b.gen_lr, betas=(0.5, 0.9))
 
     def frozen_copy(self) -> "Scholar":
         """The previous scholar: a copy with no gradients, used only to sample and to label."""
@@ -974,8 +1032,7 @@ def run_sequence(tasks: list[Task], kind: str, args: Args, b: Budget, label: str
         task_b = b if i > 0 else dataclasses.replace(b, warmup_iters=0)
         keep = (lambda step, x, i=i: run["samples"].setdefault(f"task{i + 1}", []).append((step, x))) if samples_each_step else None
         train_task(s, task, replay, replay_share(args, i) if replay.kind not in ("none", "ewc") else 1.0, task_b,
-                   train_generator=generative and trains_generator(plans[i]), eval_tasks=tasks[:i + 1],
-                   progress=progress, on_samples=keep,
+                   train_generator=trains_generator(plans[i]), eval_tasks=tasks[:i + 1], progress=progress, on_samples=keep,
                    step0=i * b.solver_iters, curves=run["curves"], checkpoint=checkpoint, start=start)
         run["acc_after"].append(accuracy(s.solver, tasks))
         if kind == "ewc" and i < len(tasks) - 1:
@@ -1467,6 +1524,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         device = resolve_device(args.device)
+        if args.preset == "auto":
+            args.preset = "paper" if device.type == "cuda" else "fast"
+            print(f"preset {args.preset}: " + ("CUDA is available" if device.type == "cuda" else
+                  "no CUDA; the paper preset's GR takes hours per run on a CPU (--preset paper to insist)"), flush=True)
         set_impl(args.impl)
         torch.autograd.set_detect_anomaly(args.detect_anomaly)
         if args.exp == "bench":

@@ -255,6 +255,9 @@ def test_solver_step_uses_old_solver_labels(old_scholar, mnist):
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--solver-iters", "-3"], "--solver-iters must be >= 0"),
+    (["--budget", "gan=vae"], "--budget: gan is conv or mlp, got 'vae'"),
+    (["--budget", "width=wide"], "--budget: width takes a int, got 'wide'"),
+    (["--budget", "depth=3"], "--budget: 'depth=3' is not name=value with a name among solver_iters"),
 ])
 def test_bad_input_exits_2_with_message(argv, message, tmp_path):
     proc = run_dgr(*argv, "--out", str(tmp_path))
@@ -426,3 +429,29 @@ def test_eta_is_right_from_the_first_generator_line():
     log_every = b.gen_iters // (b.solver_iters // b.eval_every)
     eta, left = simulate_eta(plans, recorded, calibrated, b.eval_every, log_every)
     assert abs(eta - left) / left < 0.25, (eta, left)
+
+
+def test_budget_overrides_reach_the_scholar():
+    args = dgr.parse_args(["--exp", "split", "--preset", "paper",
+                           "--budget", "gan=mlp,width=32,gen_lr=2e-4,critic_lr=4e-4,n_critic=3"])
+    b = dgr.budget_for(args, "split")
+    assert (b.gan, b.width, b.gen_lr, b.critic_lr, b.n_critic, b.gen_iters) == ("mlp", 32, 2e-4, 4e-4, 3, 3000)
+    s = dgr.Scholar((1, 28, 28), b)
+    assert isinstance(s.generator, dgr.MLPGenerator)
+    assert [m.out_features for m in s.critic if isinstance(m, torch.nn.Linear)] == [64, 32, 1]
+    assert s.gen_opt.param_groups[0]["lr"] == 2e-4 and s.critic_opt.param_groups[0]["lr"] == 4e-4   # TTUR
+    assert s.sample(5).shape == (5, 1, 28, 28) and s.sample(5).abs().max() <= 1
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    before = [p.clone() for p in s.critic.parameters()]
+    assert torch.isfinite(dgr.critic_step(s, x, 10.0))
+    moved = [not torch.equal(p, q) for p, q in zip(before, s.critic.parameters()) if p.dim() == 2]
+    assert moved == [True, True, True]   # every weight matrix (the last bias gets no gradient in WGAN)
+
+
+def test_default_preset_fits_the_machine(tmp_path):
+    """Without CUDA and without --preset, the fast preset runs, and says so and why."""
+    proc = run_dgr("--exp", "split", "--variants", "none", "--out", str(tmp_path), "--estimate")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("preset fast: no CUDA; the paper preset's GR takes hours per run on a CPU")
+    args = dgr.parse_args(["--exp", "split", "--preset", "fast"])
+    assert dgr.budget_for(args, "split") == dgr.FAST["split"] and dgr.FAST["split"].gan == "mlp"
