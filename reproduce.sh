@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Reproduce every experiment of Shin et al. (2017): bash reproduce.sh [--quick]
-#   paper preset -> results/        (budgets in README.md; wants a GPU)
+#   (default)    -> results/        paper preset where CUDA is available, else fast (budgets in README.md)
 #   --quick      -> results-quick/  (tiny budgets, a few minutes on a CPU)
+# Pass --preset paper (or fast) to choose yourself.
 # Both folders are yours (git ignores them); the results committed with the project are in reference/.
 # Extra arguments go to dgr.py, e.g. bash reproduce.sh --seeds 5
 # A killed run continues where it stopped when started again (--resume); finished runs are kept.
 # To start afresh: bash reproduce.sh --overwrite
 set -euo pipefail
 cd "$(dirname "$0")"
-preset=paper out=results
-if [[ "${1:-}" == "--quick" ]]; then preset=quick out=results-quick; shift; fi
+preset=() out=results
+if [[ "${1:-}" == "--quick" ]]; then preset=(--preset quick) out=results-quick; shift; fi
 python -c "import torch, torchvision, scipy, matplotlib" 2>/dev/null || python -m pip install -r requirements.txt
 resume=--resume; for a in "$@"; do [[ "$a" == --overwrite ]] && resume=; done
-echo "== expected time ($preset preset; step costs timed on this machine) =="
-python dgr.py --exp all --preset "$preset" --out "$out" --estimate $resume "$@"
+echo "== expected time (step costs timed on this machine) =="
+python dgr.py --exp all "${preset[@]}" --out "$out" --estimate $resume "$@"
 failed=()
 for exp in chain permuted split mnist-svhn svhn-mnist lwf; do
-  echo "== $exp ($preset preset) =="
-  python dgr.py --exp "$exp" --preset "$preset" --out "$out" $resume "$@" || failed+=("$exp")
+  echo "== $exp =="
+  python dgr.py --exp "$exp" "${preset[@]}" --out "$out" $resume "$@" || failed+=("$exp")
 done
 cat "$out"/*/summary.md > "$out/summary.md" 2>/dev/null || true
 echo "results (JSON per run), figures (PNG) and summary.md per experiment are in $out/"
