@@ -10,7 +10,9 @@ Run an experiment of the paper (results, curves and sample grids land in --out, 
     python dgr.py --exp split                       # Fig. 6/7, class-incremental split MNIST
     python dgr.py --exp permuted --variants gr,none  # Fig. 2
     python dgr.py --exp all --preset quick          # every experiment, tiny budgets (CPU, minutes)
+    python dgr.py --exp all --estimate              # the expected time of each, timed here; runs nothing
     python dgr.py --help
+Without --preset: the paper's budgets where CUDA is available, else the fast preset (minutes on a CPU).
 Reuse the pieces: `from dgr import Scholar, train_task` (importing runs nothing).
 """
 from __future__ import annotations
