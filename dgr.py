@@ -146,6 +146,7 @@ class Budget:
     gen_lr: float = 1e-4          # Adam(0.5, 0.9) for the generator
     critic_lr: float = 0.0        # Adam(0.5, 0.9) for the critic (0: gen_lr; another value is the TTUR)
     solver_lr: float = 1e-3       # Adam(0.9, 0.999) for the solver
+    solver_schedule: str = "constant"   # solver lr within each task: constant, or cosine (decays to 0)
     ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, README)
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
@@ -209,6 +210,8 @@ def budget_overrides(text: str) -> dict:
             raise UsageError(f"--budget: {name} takes a {kind.__name__}, got {value!r}") from None
     if out.get("gan", "conv") not in ("conv", "mlp"):
         raise UsageError(f"--budget: gan is conv or mlp, got {out['gan']!r}")
+    if out.get("solver_schedule", "constant") not in ("constant", "cosine"):
+        raise UsageError(f"--budget: solver_schedule is constant or cosine, got {out['solver_schedule']!r}")
     return out
 
 
@@ -946,6 +949,9 @@ def train_task(s: Scholar, task: Task, replay: Replay, r: float, b: Budget, *, t
         phase, done = "solver", 0
     if phase == "solver":
         for step in range(done + 1, b.solver_iters + 1):
+            if b.solver_schedule == "cosine":
+                for group in s.solver_opt.param_groups:
+                    group["lr"] = b.solver_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / b.solver_iters))
             loss = solver_step(s, task, replay, r, b.batch)
             progress.advance("replay solver" if replays else "solver")
             if step % b.eval_every == 0 or step == b.solver_iters:
