@@ -33,6 +33,7 @@ void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels
               logits_replay.sizes());
   TORCH_CHECK(logits_real.size(1) == logits_replay.size(1), "dgr::replay_loss: real and replayed logits have ",
               logits_real.size(1), " and ", logits_replay.size(1), " classes");
+  TORCH_CHECK(logits_real.size(1) > 0, "dgr::replay_loss: logits need at least one class, got 0");
   TORCH_CHECK(at::isFloatingType(logits_real.scalar_type()) && logits_real.scalar_type() == logits_replay.scalar_type(),
               "dgr::replay_loss: logits must share one floating dtype, got ", logits_real.scalar_type(), " and ",
               logits_replay.scalar_type());
@@ -52,6 +53,14 @@ void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels
 // ---------------------------------------------------------------------------------------------------
 // Gradient penalty, CPU.
 
+// ||g_b||^2 of one row, accumulated in acc_t (float for half types)
+template <typename acc_t, typename scalar_t>
+acc_t row_sum_squares(const scalar_t* row, int64_t D) {
+  acc_t ss = 0;
+  for (int64_t i = 0; i < D; ++i) { acc_t v = row[i]; ss += v * v; }
+  return ss;
+}
+
 at::Tensor gradient_penalty_cpu(const at::Tensor& grad, double lam) {
   at::Tensor g = rows_of(grad);
   const int64_t B = g.size(0), D = g.size(1);
@@ -63,9 +72,7 @@ at::Tensor gradient_penalty_cpu(const at::Tensor& grad, double lam) {
     const scalar_t* p = g.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        acc_t ss = 0;
-        for (int64_t i = 0; i < D; ++i) { acc_t v = p[b * D + i]; ss += v * v; }
-        acc_t dev = std::sqrt(ss) - acc_t(1);
+        acc_t dev = std::sqrt(row_sum_squares<acc_t>(p + b * D, D)) - acc_t(1);
         row_penalty[b] = dev * dev;
       }
     });
@@ -90,9 +97,7 @@ at::Tensor gradient_penalty_backward_cpu(const at::Tensor& grad_out, const at::T
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        acc_t ss = 0;
-        for (int64_t i = 0; i < D; ++i) { acc_t v = p[b * D + i]; ss += v * v; }
-        acc_t norm = std::sqrt(ss);
+        acc_t norm = std::sqrt(row_sum_squares<acc_t>(p + b * D, D));
         acc_t scale = norm > 0 ? acc_t(go * 2.0 * lam / B) * (norm - acc_t(1)) / norm : acc_t(0);
         for (int64_t i = 0; i < D; ++i) o[b * D + i] = static_cast<scalar_t>(scale * acc_t(p[b * D + i]));
       }

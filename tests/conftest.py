@@ -31,11 +31,11 @@ def require_mnist():
         import dgr
         from torchvision.datasets import MNIST
         expected = ", ".join(os.path.join(DATA, "MNIST", "raw", f) for f in dgr.MNIST_FILES)
-        try:   # as dgr.py gets it: found, else downloaded, else a UsageError that names folder and files
+        try:   # as dgr.py gets it: found, else downloaded, else a FileNotFoundError that names folder and files
             for train in (True, False):
                 dgr.open_dataset(MNIST, DATA, expected, os.path.join(DATA, "MNIST"), train=train)
             _mnist["error"] = None
-        except dgr.UsageError as e:
+        except FileNotFoundError as e:
             _mnist["error"] = str(e)
     if _mnist["error"]:
         pytest.fail(f"real MNIST needed: {_mnist['error']}")

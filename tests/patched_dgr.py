@@ -29,11 +29,11 @@ def patch(name: str) -> None:
         SVHN.split_list = {split: [REFUSED + file, file, md5] for split, (_, file, md5) in SVHN.split_list.items()}
     elif name.startswith("kill-at="):
         stage, phase, step = name.split("=", 1)[1].split(":")
-        target, save = (int(stage), phase, int(step)), dgr.Checkpoint.save
+        target, save = f"task {int(stage) + 1}, {phase} step {step}", dgr.Checkpoint.save
 
-        def save_then_die(self, phase, step, stage=None):
-            save(self, phase, step, stage)
-            if (self.stage if stage is None else stage, phase, step) == target:
+        def save_then_die(self, run, b):
+            save(self, run, b)
+            if dgr.position(run.stage, run.step, b) == target:
                 os.kill(os.getpid(), signal.SIGKILL)
         dgr.Checkpoint.save = save_then_die
     else:

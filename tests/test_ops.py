@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dgr
+from conftest import ROOT
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # bf16/fp16 results are compared with the float64 reference at these relative tolerances
@@ -14,17 +15,33 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.fl
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     assert dgr.load_extension(required=True)   # built by `python setup.py build_ext --inplace` (or JIT)
-    dgr._ops["loaded"] = True
-    assert dgr._ops["kernels"]["CPU"]
+    assert dgr.use_extension(torch.empty(0), "ext")   # a CPU kernel
 
 
 def dtypes_for(device):
-    return [torch.float32] + ([torch.bfloat16, torch.float16] if device == "cuda" else [])
+    return [torch.float32] + ([torch.float64, torch.bfloat16, torch.float16] if device == "cuda" else [])
 
 
-def close(a, b, dtype):
-    tol = TOL[dtype]
-    return torch.allclose(a.double(), b.double(), rtol=tol, atol=tol)
+def close(got, want, dtype):
+    """Equal within the dtype's relative tolerance, the absolute one scaled by the reference's magnitude
+    (a fixed atol larger than the gradients themselves would pass a kernel that writes zeros)."""
+    tol, want = TOL[dtype], want.double()
+    scale = want.abs().max().item() if want.numel() else 0.0
+    return torch.allclose(got.double(), want, rtol=tol, atol=tol * scale + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_close_rejects_wrong_kernels(dtype):
+    """What a broken kernel would give (zeros, a wrong scale, one wrong row) fails the comparison,
+    at every dtype's tolerance; for the record, the largest GP gradient at B = 64 is ~8e-3."""
+    g = torch.randn(64, 1, 28, 28).mul_(0.03).requires_grad_(True)
+    want = torch.autograd.grad(dgr.gradient_penalty_ref(g, 10.0), g)[0].double()
+    assert close(want.to(dtype), want, dtype)
+    assert not close(torch.zeros_like(want), want, dtype)
+    assert not close(want * 1.1, want, dtype)
+    bad_row = want.clone()
+    bad_row[7] = 0
+    assert not close(bad_row, want, dtype)
 
 
 def gp_both(g, lam=10.0):
@@ -61,6 +78,26 @@ def test_gradient_penalty_non_contiguous_and_zero_row(device):
     assert dgr.gradient_penalty(g[:0], 10.0, impl="ext").item() == 0.0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["D=785", "misaligned", "B=0"])
+def test_gradient_penalty_odd_shapes(device, case):
+    """The one-element-at-a-time path (a row length no 16-byte pack divides, a storage offset that is
+    no multiple of 16 bytes) and an empty batch, forward and backward."""
+    for dtype in dtypes_for(device):
+        if case == "D=785":
+            g = torch.randn(33, 785, device=device).mul_(0.03).to(dtype)
+        elif case == "misaligned":
+            g = torch.randn(17 * 784 + 1, device=device).mul_(0.03).to(dtype)[1:].view(17, 1, 28, 28)
+            assert g.data_ptr() % 16 != 0
+        else:
+            g = torch.zeros(0, 1, 28, 28, device=device, dtype=dtype)
+        (v, dg), (v_ref, dg_ref) = gp_both(g)
+        if case == "B=0":   # the op's empty mean is 0 (the reference's is nan); an empty gradient
+            assert v.item() == 0.0 and dg.shape == g.shape
+            continue
+        assert dg.shape == g.shape and close(v, v_ref, dtype) and close(dg, dg_ref, dtype), (case, dtype)
+
+
 def replay_inputs(device, n_real, n_replay, soft, dtype=torch.float32, classes=10):
     lr = torch.randn(n_real, 2 * classes, device=device, dtype=dtype)[:, ::2]   # non-contiguous
     lp = torch.randn(n_replay, classes, device=device, dtype=dtype) * 3
@@ -72,10 +109,12 @@ def replay_inputs(device, n_real, n_replay, soft, dtype=torch.float32, classes=1
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("n_real,n_replay", [(64, 64), (128, 0), (0, 64), (1, 1024), (1024, 300), (0, 0)])
-def test_replay_loss_matches_reference(device, soft, n_real, n_replay):
+@pytest.mark.parametrize("n_real,n_replay,classes", [(64, 64, 10), (128, 0, 10), (0, 64, 10), (1, 1024, 10),
+                                                    (1024, 300, 10), (0, 0, 10), (50, 40, 40), (8, 8, 100)])
+def test_replay_loss_matches_reference(device, soft, n_real, n_replay, classes):
+    """Including more classes than a warp has lanes (40, 100)."""
     for dtype in dtypes_for(device):
-        lr, y, lp, t = replay_inputs(device, n_real, n_replay, soft, dtype)
+        lr, y, lp, t = replay_inputs(device, n_real, n_replay, soft, dtype, classes)
         for r in (0.0, 0.25, 1.0):
             results = []
             for impl, cast in (("ext", lambda z: z.detach().clone()), ("torch", lambda z: z.detach().double())):
@@ -118,14 +157,33 @@ def test_bad_inputs_get_clear_messages():
         torch.ops.dgr.replay_loss_fwd(lr, y, lp, t.float(), 0.5)
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.dgr.replay_loss_fwd(lr, y, lp, t + 10, 0.5)
+    with pytest.raises(RuntimeError, match="at least one class"):
+        torch.ops.dgr.replay_loss_fwd(lr[:, :0], y, lp[:, :0], t, 0.5)
 
 
-def test_works_under_torch_compile():
-    """The fake kernels let torch.compile trace through both ops without a graph break."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_range_labels_stop_with_a_message(device):
+    """The CPU kernel raises a RuntimeError; the CUDA kernel checks on the device (a host check would
+    synchronise every step), so a bad label is a device-side assert that ends the process: run in a
+    subprocess, it exits non-zero naming the check."""
+    import subprocess
+    import sys
+    code = ("import torch, dgr; dgr.load_extension(required=True); d = %r\n"
+            "lr = torch.randn(4, 10, device=d); y = torch.tensor([0, 1, 2, 10], device=d)\n"
+            "torch.ops.dgr.replay_loss_fwd(lr, y, lr[:0], y[:0], 1.0); torch.cuda.synchronize() if d == 'cuda' else None\n"
+            % device)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "out of range" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_works_under_torch_compile(device):
+    """The fake kernels let torch.compile trace through both ops without a graph break (on CUDA with
+    inductor, which generates code around them; on the CPU with aot_eager, which needs no compiler)."""
     def step(g, lr, y, lp, t):
         return dgr.gradient_penalty(g, 10.0, impl="ext") + dgr.replay_loss(lr, y, lp, t, 0.5, impl="ext")
-    args = (torch.randn(8, 1, 28, 28), *replay_inputs("cpu", 8, 8, True))
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = (torch.randn(8, 1, 28, 28, device=device), *replay_inputs(device, 8, 8, True))
+    compiled = torch.compile(step, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     assert torch.allclose(compiled(*args), step(*args))
 
 
@@ -140,22 +198,31 @@ def step_grads(kind, impl, device, seed=0):
     y = torch.randint(10, (16,), device=device)
     dgr.set_impl(impl)
     try:
+        keep = torch.optim.SGD(s.parameters(), lr=0.0)   # keeps the gradients and the weights
         if kind == "critic":
-            s.critic_opt.step = lambda: None           # keep the gradients, skip the update
-            dgr.critic_step(s, x, 10.0)
+            dgr.critic_step(s, keep, x, 10.0)
             return [p.grad.clone() for p in s.critic.parameters()]
         task = dgr.Task("t", x, y, x, y)
-        old = s.frozen_copy()
-        s.solver_opt.step = lambda: None
-        dgr.solver_step(s, task, dgr.Replay("gr", old, soft=True), 0.5, 16)
+        dgr.solver_step(s, keep, task, dgr.Replay("generator", s.frozen_copy(), soft=True), 0.5, 16)
         return [p.grad.clone() for p in s.solver.parameters()]
     finally:
         dgr.set_impl("auto")
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls and convolutions in full fp32 on the GPU, so that only the ops differ."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["critic", "solver"])
-def test_whole_step_same_gradients(kind, device):
+def test_whole_step_same_gradients(kind, device, no_tf32):
     ext, ref = step_grads(kind, "ext", device), step_grads(kind, "torch", device)
     for a, b in zip(ext, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
@@ -217,5 +284,5 @@ def test_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch):
     assert len(record) == 1
     assert first == second == dgr.gradient_penalty_ref(g, 10.0)
     monkeypatch.setitem(dgr._ops, "loaded", None)
-    with pytest.raises(dgr.UsageError, match="could not be loaded or built"):
+    with pytest.raises(RuntimeError, match="could not be loaded or built"):
         dgr.gradient_penalty(g, 10.0, impl="ext")

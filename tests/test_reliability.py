@@ -70,7 +70,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path_factory, argv, exp, var
     assert again.returncode == 2 and "--resume" in again.stderr
 
     import torch
-    earlier = torch.load(ckpt, weights_only=False)["elapsed"]   # seconds trained before the kill
+    earlier = torch.load(ckpt, weights_only=True)["elapsed"]   # seconds trained before the kill
     resumed = run_dgr(*argv, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     stage, phase, step = kill_at
@@ -104,8 +104,9 @@ def test_bad_checkpoint_is_refused_and_nothing_overwritten(tmp_path, damage, mes
         argv = SHORT
     else:
         fingerprint = dgr.run_fingerprint("split", "gr", 0, dgr.parse_args(SHORT), dgr.budget_for(dgr.parse_args(SHORT), "split"))
-        c = dgr.Checkpoint(str(ckpt), 10, fingerprint)
-        c.save("solver", 10)
+        b = dgr.budget_for(dgr.parse_args(SHORT), "split")
+        s = dgr.Scholar((1, 28, 28), b)
+        dgr.Checkpoint(str(ckpt), 10, fingerprint).save(dgr.Run(s, s.optimizers(b)), b)
         argv = [a if a != "60" else "80" for a in SHORT]       # --solver-iters 80: another run
     proc = run_dgr(*argv, "--out", str(tmp_path), "--resume")
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
@@ -138,10 +139,11 @@ def nan_after(monkeypatch, name, calls):
 
 
 def saved_position(path):
+    """Where the checkpoint at `path` stands, in words; its state must be finite."""
     import torch
-    state = torch.load(path, weights_only=False)
-    assert dgr.first_non_finite({k: state[k] for k in ("scholar", "run")}) is None
-    return state["position"]
+    state = torch.load(path, weights_only=True)["run"]
+    assert dgr.first_non_finite(state) is None
+    return dgr.position(state["stage"], state["step"], dgr.budget_for(dgr.parse_args(SHORT), "split"))
 
 
 def test_non_finite_loss_stops_the_run_with_a_message(tmp_path, monkeypatch, capsys):
@@ -153,7 +155,7 @@ def test_non_finite_loss_stops_the_run_with_a_message(tmp_path, monkeypatch, cap
     assert "split ER seed 0: non-finite solver loss (nan) at task 0-1 solver step 20" in err
     assert "the last checkpoint is " + str(tmp_path / "split" / "er_seed0.ckpt") in err and "--detect-anomaly" in err
     assert not os.path.exists(tmp_path / "split" / "er_seed0.json")     # no result from a poisoned run
-    assert saved_position(tmp_path / "split" / "er_seed0.ckpt") == {"stage": 0, "phase": "solver", "step": 10}
+    assert saved_position(tmp_path / "split" / "er_seed0.ckpt") == "task 1, solver step 10"
 
 
 @pytest.mark.parametrize("phase,poisoned,variant,argv", [
@@ -169,9 +171,9 @@ def test_no_checkpoint_holds_non_finite_weights(tmp_path, monkeypatch, capsys, p
     err = capsys.readouterr().err
     ckpt = tmp_path / "split" / f"{variant}_seed0.ckpt"
     assert code == 3, err
-    assert "non-finite values in scholar.model." in err and f"at task 1 {phase} step 20, not saved" in err, err
+    assert "non-finite values in scholar." in err and f"at task 1, {phase} step 20, not saved" in err, err
     assert f"the last checkpoint is {ckpt}" in err
-    assert saved_position(ckpt) == {"stage": 0, "phase": phase, "step": 10}
+    assert saved_position(ckpt) == f"task 1, {phase} step 10"
 
 
 def test_failed_write_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -192,5 +194,5 @@ def test_failed_write_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monk
     assert code == 3 and "Traceback" not in err
     assert "split ER seed 0: writing failed ([Errno 28] No space left on device)" in err
     assert f"the last checkpoint is {ckpt}" in err
-    assert saved_position(ckpt) == {"stage": 0, "phase": "solver", "step": 10}
-    assert not os.path.exists(str(ckpt) + ".tmp")
+    assert saved_position(ckpt) == "task 1, solver step 10"
+    assert not [f for f in os.listdir(ckpt.parent) if f.endswith(".tmp")]
