@@ -27,9 +27,11 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-// Sum over the block, the result given to every thread.
+// Sum over a block of kThreads threads (every launch here uses kThreads), the result given to every thread.
 template <typename T>
 __device__ T block_sum(T v) {
+  static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block_sum: whole warps, at most 1024 threads");
+  CUDA_KERNEL_ASSERT(blockDim.x == kThreads && "block_sum: launched with another block size");
   __shared__ T partial[kThreads / 32];
   v = warp_sum(v);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -75,7 +77,7 @@ __global__ void sum_rows_kernel(const acc_t* __restrict__ rows, int64_t n, acc_t
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void gp_backward_kernel(const float* __restrict__ grad_out, const scalar_t* __restrict__ g, int64_t D,
+__global__ void gp_backward_kernel(const acc_t* __restrict__ grad_out, const scalar_t* __restrict__ g, int64_t D,
                                    acc_t two_lam_over_b, scalar_t* __restrict__ out) {
   const scalar_t* row = g + blockIdx.x * D;
   const acc_t norm = sqrt(row_sumsq<scalar_t, acc_t, VEC>(row, D));
@@ -103,6 +105,7 @@ at::Tensor gradient_penalty_cuda(const at::Tensor& grad, double lam) {
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor g = rows_of(grad);
   const int64_t B = g.size(0), D = g.size(1);
+  TORCH_CHECK(B <= INT32_MAX, "dgr::gradient_penalty: at most 2^31-1 rows on CUDA (one block each), got ", B);
   at::Tensor loss = at::empty({}, g.options());
   if (B == 0) return loss.zero_();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -125,15 +128,16 @@ at::Tensor gradient_penalty_backward_cuda(const at::Tensor& grad_out, const at::
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor g = rows_of(grad);
   const int64_t B = g.size(0), D = g.size(1);
+  TORCH_CHECK(B <= INT32_MAX, "dgr::gradient_penalty_backward: at most 2^31-1 rows on CUDA, got ", B);
   at::Tensor out = at::empty_like(g);
   if (B == 0) return out.view(grad.sizes());
-  at::Tensor go = grad_out.to(g.device(), at::kFloat).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_penalty_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;   // grad_out in acc_t: fp64 stays fp64
+    at::Tensor go = grad_out.to(g.device(), c10::CppTypeToScalarType<acc_t>::value).contiguous();
     with_vec<scalar_t>(g, [&](auto vec) {
       gp_backward_kernel<scalar_t, acc_t, decltype(vec)::value><<<B, kThreads, 0, stream>>>(
-          go.data_ptr<float>(), g.data_ptr<scalar_t>(), D, acc_t(2.0 * lam / B), out.data_ptr<scalar_t>());
+          go.data_ptr<acc_t>(), g.data_ptr<scalar_t>(), D, acc_t(2.0 * lam / B), out.data_ptr<scalar_t>());
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -190,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cuda(const at::Te
   at::Tensor d_real = at::empty_like(lr), d_rep = at::empty_like(lp);
   at::Tensor loss = at::empty({}, lr.options());
   const int64_t Br = lr.size(0), Bp = lp.size(0), C = lr.size(1), rows = Br + Bp;
+  TORCH_CHECK(rows / (kThreads / 32) < INT32_MAX, "dgr::replay_loss: too many rows for one grid, got ", rows);
   if (rows == 0) return {loss.zero_(), d_real, d_rep};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lr.scalar_type(), "replay_loss_cuda", [&] {
