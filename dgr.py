@@ -67,6 +67,8 @@ class Args:
     device: str = arg("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     impl: str = arg("auto", "losses: fused C++/CUDA op (ext), PyTorch (torch), auto: ext if it loads",
                     ("auto", "ext", "torch"))
+    graphs: str = arg("off", "whole steps as CUDA graphs: on, off, auto (on with CUDA); not yet run on a GPU",
+                      ("auto", "on", "off"))
     tasks: int = arg(0, "number of permuted-MNIST tasks (0: the preset's)")
     solver_iters: int = arg(0, "solver steps per task (0: the preset's)")
     gen_iters: int = arg(0, "generator steps per task, each after n_critic critic steps (0: preset's)")
@@ -91,6 +93,7 @@ class Budget:
     gan: str = "conv"             # conv: DCGAN convolutions; mlp: fully connected (~10x cheaper on a CPU)
     width: int = 64               # conv: base channels (critic 64-128-256); mlp: hidden units (z-w-2w-out, in-2w-w-1)
     hidden: int = 400             # MLP solver hidden units (784-400-400-10)
+    dropout: float = 0.0          # solver: dropout after each hidden layer (0: none)
     cnn_channels: int = 32        # CNN solver channels (32-64) for 32x32x3 inputs
     n_tasks: int = 10             # permuted MNIST tasks
     warmup_iters: int = 0         # LwF: steps training the new head alone before fine-tuning all
@@ -119,11 +122,13 @@ PAPER = {
 }
 # fast: for a CPU. split's budget is a point of the frontier of split GR measured on 2 cores (README,
 # reference/frontier/): a fully connected WGAN-GP (~10x cheaper per image on a CPU than the DCGAN
-# convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver at lr 3e-4. The
-# other experiments take the same GAN. The CNN solver (SVHN) costs 0.1-0.25 s per step on 2 cores.
-FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4)
+# convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver at lr 3e-4 with
+# a cosine decay in each task. The others take the same GAN and schedule; chain's generators, each of
+# which must carry all ten digits to the next link, are wider and train longer. The CNN solver (SVHN)
+# costs 0.1-0.25 s per step on 2 cores.
+FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
 FAST = {
-    "chain": Budget(solver_iters=5000, gen_iters=1500, eval_every=1000, **FAST_GAN),
+    "chain": Budget(solver_iters=5000, gen_iters=3000, eval_every=1000, **{**FAST_GAN, "width": 256}),
     "permuted": Budget(solver_iters=5000, gen_iters=800, eval_every=500, **FAST_GAN),
     "split": Budget(solver_iters=1000, gen_iters=800, eval_every=250, solver_lr=3e-4, **FAST_GAN),
     "mnist-svhn": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
@@ -322,20 +327,22 @@ def make_mlp_critic(shape, width=256) -> nn.Sequential:
 
 
 class Solver(nn.Module):
-    """Classifier: MLP 784-400-400 for 28x28x1, CNN for 32x32x3, then one 10-way linear head per task."""
+    """Classifier: MLP 784-400-400 for 28x28x1, CNN for 32x32x3, then one 10-way linear head per task;
+    optional dropout after each hidden layer."""
 
-    def __init__(self, shape, n_classes=10, n_heads=1, hidden=400, cnn_channels=32):
+    def __init__(self, shape, n_classes=10, n_heads=1, hidden=400, cnn_channels=32, dropout=0.0):
         super().__init__()
         c, h, w = shape
+        drop = lambda: [nn.Dropout(dropout)] if dropout else []
         if c == 1:
-            self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(),
-                                       nn.Linear(hidden, hidden), nn.ReLU())
+            self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), *drop(),
+                                       nn.Linear(hidden, hidden), nn.ReLU(), *drop())
         else:
             k = cnn_channels
             self.trunk = nn.Sequential(
                 nn.Conv2d(c, k, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
                 nn.Conv2d(k, 2 * k, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Linear(2 * k * (h // 4) * (w // 4), hidden), nn.ReLU())
+                nn.Flatten(), nn.Linear(2 * k * (h // 4) * (w // 4), hidden), nn.ReLU(), *drop())
         self.heads = nn.ModuleList(nn.Linear(hidden, n_classes) for _ in range(n_heads))
 
     def forward(self, x, head: int = 0):
@@ -349,7 +356,7 @@ class Scholar(nn.Module):
     def __init__(self, shape, b: Budget, n_heads=1, with_generator=True):
         super().__init__()
         self.shape, self.z_dim = tuple(shape), b.z_dim
-        self.solver = Solver(shape, 10, n_heads, b.hidden, b.cnn_channels)
+        self.solver = Solver(shape, 10, n_heads, b.hidden, b.cnn_channels, b.dropout)
         self.generator = self.critic = None
         if with_generator:
             conv = b.gan == "conv"
@@ -361,10 +368,10 @@ class Scholar(nn.Module):
 
     def optimizers(self, b: Budget) -> dict[str, torch.optim.Optimizer]:
         """Adam for each network: the solver's (0.9, 0.999), the GAN's (0.5, 0.9) as in WGAN-GP."""
-        opts = {"solver": torch.optim.Adam(self.solver.parameters(), lr=b.solver_lr)}
+        opts = {"solver": adam(self.solver, b.solver_lr)}
         if self.generator is not None:
-            opts["generator"] = torch.optim.Adam(self.generator.parameters(), lr=b.gen_lr, betas=(0.5, 0.9))
-            opts["critic"] = torch.optim.Adam(self.critic.parameters(), lr=b.critic_lr or b.gen_lr, betas=(0.5, 0.9))
+            opts["generator"] = adam(self.generator, b.gen_lr, (0.5, 0.9))
+            opts["critic"] = adam(self.critic, b.critic_lr or b.gen_lr, (0.5, 0.9))
         return opts
 
     def frozen_copy(self) -> Scholar:
@@ -605,28 +612,31 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
     steps (a resumed task: solver steps, then generator steps, are counted); callback(phase, step, losses)
     follows each step, phase 'warm-up', 'solver' or 'generator', its step counted from 1."""
     if start == 0:   # each task starts the solver's Adam afresh
-        opts["solver"] = torch.optim.Adam(s.solver.parameters(), lr=b.solver_lr)
+        opts["solver"] = adam(s.solver, b.solver_lr)
         if b.warmup_iters and replay.source != "none":
             warm_up_head(s, task, b, callback)
+    device = task.x_train.device   # whole steps as CUDA graphs where enabled (ER's draw syncs: eager)
+    solver = graphed(lambda: solver_step(s, opts["solver"], task, replay, r, b.batch), device, replay.source != "stored")
     for step in range(start + 1, b.solver_iters + 1):
         if b.solver_schedule == "cosine":
-            for group in opts["solver"].param_groups:
-                group["lr"] = b.solver_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / b.solver_iters))
-        loss = solver_step(s, opts["solver"], task, replay, r, b.batch)
-        callback("solver", step, {"solver": loss})
+            set_lr(opts["solver"], b.solver_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / b.solver_iters)))
+        callback("solver", step, {"solver": solver()})
     if not train_generator or s.generator is None:
         return
-    for step in range(max(0, start - b.solver_iters) + 1, b.gen_iters + 1):
+
+    def gan_step():   # n_critic critic steps, then one generator step
         for _ in range(b.n_critic):
             critic_loss = critic_step(s, opts["critic"], generator_inputs(task, replay, r, b.gen_batch), b.lam)
-        gen_loss = generator_step(s, opts["generator"], b.gen_batch)
-        callback("generator", step, {"critic": critic_loss, "generator": gen_loss})
+        return {"critic": critic_loss, "generator": generator_step(s, opts["generator"], b.gen_batch)}
+    gan_step = graphed(gan_step, device)
+    for step in range(max(0, start - b.solver_iters) + 1, b.gen_iters + 1):
+        callback("generator", step, gan_step())
 
 
 def warm_up_head(s: Scholar, task: Task, b: Budget, callback=lambda phase, step, losses: None) -> None:
     """LwF: train the new task's head alone on real data before fine-tuning everything."""
     head = s.solver.heads[task.head]
-    opt = torch.optim.Adam(head.parameters(), lr=b.solver_lr)
+    opt = adam(head, b.solver_lr)
     for step in range(1, b.warmup_iters + 1):
         x, y = random_batch(task, b.batch)
         with torch.no_grad():
@@ -905,6 +915,56 @@ def register_op_python_parts() -> None:
     lib.register_autograd("dgr::gradient_penalty", gp_backward, setup_context=gp_setup)
     lib.register_autograd("dgr::replay_loss_fwd", rl_backward, setup_context=rl_setup)
     register_op_python_parts.done = True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole training steps as CUDA graphs (--graphs): one launch per step instead of hundreds of kernels.
+
+GRAPHS = {"on": False}   # --graphs: whole training steps as CUDA graphs (CUDA only)
+
+
+def adam(module: nn.Module, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
+    """Adam over a module's parameters; with CUDA graphs on, capturable and with a tensor lr, so that a
+    replayed step reads the lr of the moment (the cosine schedule)."""
+    p = next(module.parameters())
+    if GRAPHS["on"] and p.is_cuda:
+        return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=p.device), betas=betas, capturable=True)
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def graphed(step, device, capturable: bool = True):
+    """`step()` run as a CUDA graph when GRAPHS is on and the device is CUDA: three eager warm-up calls
+    on a side stream, then captured once and replayed at every later call, its tensor outputs overwritten
+    by each replay (random numbers drawn inside the graph advance as in eager steps). Else `step` itself.
+    A graph holds no host synchronisation: losses stay on the device until a callback reads them."""
+    if not (GRAPHS["on"] and device.type == "cuda" and capturable):
+        return step
+    state = {"calls": 0, "graph": None, "out": None}
+
+    def run():
+        if state["graph"] is None and state["calls"] < 3:
+            state["calls"] += 1
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out = step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            return out
+        if state["graph"] is None:
+            state["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state["graph"]):
+                state["out"] = step()
+        state["graph"].replay()
+        return state["out"]
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1397,6 +1457,9 @@ def main(argv: list[str] | None = None) -> int:
                 use_extension(torch.empty(0, device=device), "ext")
             except RuntimeError as e:
                 raise UsageError(f"--impl ext: {e}") from None
+        if args.graphs == "on" and device.type != "cuda":
+            raise UsageError(f"--graphs on: CUDA graphs need a CUDA device, not {device}")
+        GRAPHS["on"] = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
         torch.autograd.set_detect_anomaly(args.detect_anomaly)
         planned = {}
         for exp in EXPERIMENTS if args.exp == "all" else (args.exp,):

@@ -286,3 +286,29 @@ def test_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch):
     monkeypatch.setitem(dgr._ops, "loaded", None)
     with pytest.raises(RuntimeError, match="could not be loaded or built"):
         dgr.gradient_penalty(g, 10.0, impl="ext")
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graphed_training_equals_eager_training(device, monkeypatch):
+    """train_task with whole steps captured as CUDA graphs (--graphs on) learns what eager steps learn:
+    on CUDA within float tolerance (capturable Adam rounds differently); on the CPU graphs are off
+    whatever GRAPHS says, so the weights are equal."""
+    b = dgr.Budget(solver_iters=12, gen_iters=6, n_critic=2, batch=32, gen_batch=16, width=8, hidden=32,
+                   solver_schedule="cosine")
+
+    def train(graphs: bool) -> torch.Tensor:
+        monkeypatch.setitem(dgr.GRAPHS, "on", graphs)
+        torch.manual_seed(0)
+        x = torch.rand(256, 1, 28, 28, device=device) * 2 - 1
+        task = dgr.Task("t", x, torch.randint(10, (256,), device=device), x[:8], None)
+        s = dgr.Scholar((1, 28, 28), b).to(device)
+        dgr.train_task(s, s.optimizers(b), task, dgr.Replay("generator", s.frozen_copy()), 0.5, b)
+        return torch.cat([p.detach().flatten() for p in s.parameters()])
+    eager, graphed = train(False), train(True)
+    if device == "cpu":
+        assert torch.equal(eager, graphed)
+    else:
+        assert torch.allclose(eager, graphed, rtol=1e-3, atol=1e-5), (eager - graphed).abs().max()
+

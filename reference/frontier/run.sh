@@ -23,9 +23,11 @@ declare -A POINTS=(
   [mlp128-g800-c3-s750-lr3e-4-cos]="gan=mlp,width=128,gen_iters=800,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=750,solver_lr=3e-4,solver_schedule=cosine"
   [mlp128-g800-c3-s1000-lr5e-4-cos]="gan=mlp,width=128,gen_iters=800,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=5e-4,solver_schedule=cosine"
   [mlp256-g800-c3-s1000-lr3e-4-cos]="gan=mlp,width=256,gen_iters=800,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine"
+  [mlp128-g800-c3-s1000-lr3e-4-cos-distill]="gan=mlp,width=128,gen_iters=800,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine"
+  [mlp128-g1500-c3-s1000-lr3e-4-cos]="gan=mlp,width=128,gen_iters=1500,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine"
 )
 # the variant of each point: gr unless named here (gr+distill: soft targets at T = 2)
-declare -A VARIANT=([mlp128-g800-c3-s1000-distill]="gr+distill")
+declare -A VARIANT=([mlp128-g800-c3-s1000-distill]="gr+distill" [mlp128-g800-c3-s1000-lr3e-4-cos-distill]="gr+distill")
 names=("$@"); (( ${#names[@]} )) || names=($(printf '%s\n' "${!POINTS[@]}" | sort))
 for name in "${names[@]}"; do
   echo "== $name: ${POINTS[$name]} (load before: $(cut -d' ' -f1-3 /proc/loadavg)) =="
