@@ -58,6 +58,7 @@ class Args:
                       ("auto", "paper", "fast", "quick"))
     seeds: int = arg(1, "number of seeds; runs seeds K..K+N-1 (K: --seed-start)")
     seed_start: int = arg(0, "first seed K; a job array can run one seed per job into one shared --out")
+    jobs: int = arg(1, "run up to N seeds at once, a process each (fills a GPU; on a CPU they share cores)")
     r: float = arg(None, "real-data share r in [0,1] on tasks after the first (default 1/i on task i)")
     replay_targets: str = arg("hard", "label replayed inputs with the old solver's argmax (hard) or its "
                               "probabilities (soft)", ("hard", "soft"))
@@ -1356,6 +1357,8 @@ def check_args(args: Args) -> None:
         raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     for name in ("seed_start", "tasks", "solver_iters", "gen_iters", "eval_every", "checkpoint_every"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -1443,6 +1446,30 @@ def announce(exp: str, b: Budget, runs: list, device) -> tuple[float, dict[str, 
     return seconds, costs
 
 
+def run_seed_processes(argv: list[str], args: Args, planned: dict) -> list[str]:
+    """--jobs N: each seed to do in its own process (this script, --seed-start k --seeds 1), at most N at
+    once, all into --out; then each experiment's figures and summary from every result there."""
+    import subprocess
+    seeds = sorted({seed for _, _, runs in planned.values() for _, seed, _, _ in runs})
+    pending = [[sys.executable, os.path.abspath(__file__), *argv, "--jobs", "1", "--seed-start", str(k), "--seeds", "1"]
+               for k in seeds]
+    running, failed = [], []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            running.append(subprocess.Popen(pending.pop(0)))
+        for p in [p for p in running if p.poll() is not None]:
+            running.remove(p)
+            failed += [" ".join(p.args[2:])] if p.returncode else []
+        time.sleep(0.1)
+    if failed:
+        raise RunStopped(f"{len(failed)} seed process(es) failed (their messages are above): {'; '.join(failed)}")
+    summaries = []
+    for _, folder, _ in planned.values():
+        plot_experiment(folder)
+        summaries.append(write_summary(folder))
+    return summaries
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
@@ -1473,7 +1500,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
         if args.estimate:
             return 0
-        summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1]) for exp in planned]
+        if args.jobs > 1 and args.seeds > 1:
+            summaries = run_seed_processes(sys.argv[1:] if argv is None else argv, args, planned)
+        else:
+            summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1]) for exp in planned]
     except UsageError as e:
         print(f"dgr.py: error: {e}", file=sys.stderr)
         return 2

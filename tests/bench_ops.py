@@ -4,7 +4,7 @@
 
 Each loss forward + backward runs as the eager reference, torch.compile of the reference (not with
 --quick) and the fused op; each whole step (WGAN-GP critic step at width 64, generator step, solver
-step with GR replay) runs with impl torch and impl ext. Medians of repeated runs; ratios are eager
+step with GR replay) runs with impl torch and impl ext, and on CUDA also captured as one CUDA graph. Medians of repeated runs; ratios are eager
 time / time. Prints a Markdown table and writes <out>/bench/bench.json and bench.md.
 """
 import argparse
@@ -88,6 +88,14 @@ def bench_steps(device, batches, reps: int) -> list[dict]:
                         row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(run, device, reps)
                     finally:
                         dgr.set_impl("auto")
+                if device.type == "cuda":   # the whole step as one CUDA graph (fused ops), --graphs on
+                    dgr.GRAPHS["on"] = True
+                    try:
+                        graphed = dgr.graphed(run, device)
+                        graphed()   # eager warm-up 1 of 3; time_ms warms up twice more and captures
+                        row["graphed_ms"] = time_ms(graphed, device, reps)
+                    finally:
+                        dgr.GRAPHS["on"] = False
                 rows.append(row)
     return rows
 
@@ -103,13 +111,12 @@ def main() -> None:
     batches, reps = ((64,), 5) if args.quick else ((64, 256, 1024), 50 if device.type == "cuda" else 10)
     rows = bench_losses(device, batches, with_compile=not args.quick, reps=reps) + bench_steps(device, batches, reps)
     lines = [f"## Benchmark ({dgr.machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
-             "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | fused GB/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | graphed ms (speed-up) "
+             "| fused GB/s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        comp = f"{r['compiled_ms']:.3f} ({r['eager_ms'] / r['compiled_ms']:.2f}x)" if "compiled_ms" in r else "n/a"
-        lines.append(f"| {r['op']} | {r['shape']} | {r['batch']} | {r['eager_ms']:.3f} | {comp} | "
-                     f"{r['fused_ms']:.3f} ({r['eager_ms'] / r['fused_ms']:.2f}x) | "
-                     + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " |")
+        cell = lambda key: f"{r[key]:.3f} ({r['eager_ms'] / r[key]:.2f}x)" if key in r else "n/a"
+        lines.append(f"| {r['op']} | {r['shape']} | {r['batch']} | {r['eager_ms']:.3f} | {cell('compiled_ms')} | "
+                     f"{cell('fused_ms')} | {cell('graphed_ms')} | " + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " |")
     text = "\n".join(lines) + "\n"
     folder = os.path.join(args.out, "bench")
     os.makedirs(folder, exist_ok=True)

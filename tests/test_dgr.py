@@ -477,3 +477,18 @@ def test_seed_ranges_share_one_out(tmp_path):
     for seed in (0, 1):
         assert load_run(str(tmp_path / "shared"), "split", "none", seed)["final"] == \
             load_run(str(tmp_path / "alone"), "split", "none", seed)["final"]
+
+
+def test_jobs_run_seeds_in_parallel_processes(tmp_path):
+    """--jobs 2: the seeds run at once, a process each; each seed's result is the one a sequential run
+    gives, and the summary counts them all."""
+    require_mnist()
+    tiny = ["--exp", "split", "--preset", "quick", "--variants", "none", "--solver-iters", "20", "--eval-every", "10",
+            "--seeds", "2"]
+    par = run_dgr(*tiny, "--jobs", "2", "--out", str(tmp_path / "par"))
+    seq = run_dgr(*tiny, "--out", str(tmp_path / "seq"))
+    assert par.returncode == 0 and seq.returncode == 0, par.stderr + seq.stderr
+    assert "| None | 2 |" in (tmp_path / "par" / "split" / "summary.md").read_text()
+    for seed in (0, 1):
+        assert load_run(str(tmp_path / "par"), "split", "none", seed)["final"] == \
+            load_run(str(tmp_path / "seq"), "split", "none", seed)["final"]
