@@ -131,7 +131,7 @@ FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, s
 FAST = {
     "chain": Budget(solver_iters=5000, gen_iters=3000, eval_every=1000, **{**FAST_GAN, "width": 256}),
     "permuted": Budget(solver_iters=5000, gen_iters=800, eval_every=500, **FAST_GAN),
-    "split": Budget(solver_iters=1000, gen_iters=800, eval_every=250, solver_lr=3e-4, **FAST_GAN),
+    "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, **FAST_GAN),
     "mnist-svhn": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
     "svhn-mnist": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
     "lwf": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, warmup_iters=200, **FAST_GAN),
@@ -1036,10 +1036,9 @@ def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, rep
             generator_step(s, opts["generator"], b.gen_batch)
         if generative:
             steps.update({"generator": lambda: generator_iteration(Replay()), "replay generator": lambda: generator_iteration(replay)})
-        costs = {}
+        costs, sync = {}, (torch.cuda.synchronize if device.type == "cuda" else lambda device: None)
         for kind, step in steps.items():
             step()
-            sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
             sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
