@@ -121,16 +121,16 @@ PAPER = {
     "svhn-mnist": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
     "lwf": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, warmup_iters=1000),
 }
-# fast: for a CPU. split's budget is a point of the frontier of split GR measured on 2 cores (README,
-# reference/frontier/): a fully connected WGAN-GP (~10x cheaper per image on a CPU than the DCGAN
-# convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver at lr 3e-4 with
-# a cosine decay in each task. The others take the same GAN and schedule; chain's generators, each of
-# which must carry all ten digits to the next link, are wider and train longer. The CNN solver (SVHN)
-# costs 0.1-0.25 s per step on 2 cores.
+# fast: for a CPU. split's and permuted's budgets are points of the frontier of GR measured on 2 cores
+# (README, reference/frontier/): a fully connected WGAN-GP (~10x cheaper per image on a CPU than the
+# DCGAN convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed
+# by a cosine in each task. The others take the same GAN and schedule; chain's and permuted's generators,
+# which must carry all ten digits (of every permutation) to the next task, are wider and train longer.
+# The CNN solver (SVHN) costs 0.1-0.25 s per step on 2 cores.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
 FAST = {
     "chain": Budget(solver_iters=5000, gen_iters=3000, eval_every=1000, **{**FAST_GAN, "width": 256}),
-    "permuted": Budget(solver_iters=5000, gen_iters=800, eval_every=500, **FAST_GAN),
+    "permuted": Budget(solver_iters=5000, gen_iters=3000, eval_every=500, **{**FAST_GAN, "width": 256}),
     "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, **FAST_GAN),
     "mnist-svhn": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
     "svhn-mnist": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
