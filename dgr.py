@@ -58,7 +58,7 @@ class Args:
                       ("auto", "paper", "fast", "quick"))
     seeds: int = arg(1, "number of seeds; runs seeds K..K+N-1 (K: --seed-start)")
     seed_start: int = arg(0, "first seed K; a job array can run one seed per job into one shared --out")
-    jobs: int = arg(1, "run up to N seeds at once, a process each (fills a GPU; on a CPU they share cores)")
+    jobs: int = arg(1, "run up to N runs (experiment x variant x seed) at once, a process each; CPU threads split N ways")
     r: float = arg(None, "real-data share r in [0,1] on tasks after the first (default 1/i on task i)")
     replay_targets: str = arg("hard", "label replayed inputs with the old solver's argmax (hard) or its "
                               "probabilities (soft)", ("hard", "soft"))
@@ -1055,8 +1055,20 @@ def expected_time(exp: str, b: Budget, variants: list[str], device) -> tuple[flo
     shape = (1, 28, 28) if exp in MNIST28_EXPERIMENTS else (3, 32, 32)
     generative = any(VARIANTS[v].generative for v in variants)
     costs = step_costs(shape, b, device, generative, n_heads=2 if exp == "lwf" else 1)
-    seconds = sum(n * costs[kind] for v in variants for kind, n in add_plans(run_plan(exp, VARIANTS[v], b)).items())
-    return seconds, costs
+    return sum(run_seconds(exp, v, b, costs) for v in variants), costs
+
+
+def run_seconds(exp: str, variant: str, b: Budget, costs: dict[str, float]) -> float:
+    """Expected seconds of one run, from the step costs."""
+    return sum(n * costs[kind] for kind, n in add_plans(run_plan(exp, VARIANTS[variant], b)).items())
+
+
+def makespan(seconds: list[float], jobs: int) -> float:
+    """Wall time of runs taking `seconds` when each, longest first, goes to the first of `jobs` processes free."""
+    free_at = [0.0] * jobs
+    for s in sorted(seconds, reverse=True):
+        free_at[free_at.index(min(free_at))] += s
+    return max(free_at)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1445,27 +1457,43 @@ def announce(exp: str, b: Budget, runs: list, device) -> tuple[float, dict[str, 
     return seconds, costs
 
 
-def run_seed_processes(argv: list[str], args: Args, planned: dict) -> list[str]:
-    """--jobs N: each seed to do in its own process (this script, --seed-start k --seeds 1), at most N at
-    once, all into --out; then each experiment's figures and summary from every result there."""
+RUN_COMMAND = [sys.executable, os.path.abspath(__file__)]   # how --jobs starts a run (tests/patched_dgr.py: itself)
+
+
+def run_processes(argv: list[str], args: Args, planned: dict, expected: dict) -> list[str]:
+    """--jobs N: each run to do (experiment, variant, seed) in its own process (this script with --exp E
+    --variants V --seed-start k --seeds 1), at most N at once, the longest expected first, all into --out
+    (on a CPU each with its share of the threads). A failed run does not stop the others; a refused one
+    (exit 2: a dataset missing, say) skips the rest of its experiment, which would be refused alike. Then
+    the figures and summary of each experiment from every result in its folder."""
     import subprocess
-    seeds = sorted({seed for _, _, runs in planned.values() for _, seed, _, _ in runs})
-    pending = [[sys.executable, os.path.abspath(__file__), *argv, "--jobs", "1", "--seed-start", str(k), "--seeds", "1"]
-               for k in seeds]
-    running, failed = [], []
+    runs = sorted(((run_seconds(exp, variant, b, expected[exp][1]), exp, variant, seed)
+                   for exp, (b, _, planned_runs) in planned.items() for variant, seed, _, _ in planned_runs), reverse=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}   # main() has set each run's share
+    pending = [(exp, f"{exp} {variant} seed {seed}", [*RUN_COMMAND, *argv, "--jobs", "1", "--exp", exp,
+                "--variants", variant, "--seed-start", str(seed), "--seeds", "1"]) for _, exp, variant, seed in runs]
+    running, failed, refused = [], [], {}
     while pending or running:
         while pending and len(running) < args.jobs:
-            running.append(subprocess.Popen(pending.pop(0)))
-        for p in [p for p in running if p.poll() is not None]:
-            running.remove(p)
-            failed += [" ".join(p.args[2:])] if p.returncode else []
+            exp, label, cmd = pending.pop(0)
+            running.append((exp, label, subprocess.Popen(cmd, env=env)))
+        for exp, label, p in [run for run in running if run[2].poll() is not None]:
+            running.remove((exp, label, p))
+            if p.returncode == 2:
+                refused[exp] = refused.get(exp, 0) + 1 + sum(e == exp for e, *_ in pending)
+                pending = [run for run in pending if run[0] != exp]
+            elif p.returncode:
+                failed.append(label)
         time.sleep(0.1)
-    if failed:
-        raise RunStopped(f"{len(failed)} seed process(es) failed (their messages are above): {'; '.join(failed)}")
     summaries = []
     for _, folder, _ in planned.values():
-        plot_experiment(folder)
-        summaries.append(write_summary(folder))
+        if load_results(folder):
+            plot_experiment(folder)
+            summaries.append(write_summary(folder))
+    if failed or refused:
+        print("\n".join(summaries))
+        raise RunStopped("; ".join([f"{exp} refused, {n} run(s) not done" for exp, n in refused.items()] +
+                                   [f"{label} failed" for label in failed]) + " (the messages are above)")
     return summaries
 
 
@@ -1494,13 +1522,22 @@ def main(argv: list[str] | None = None) -> int:
         if not args.estimate:   # every refusal (exit 2) before anything heavy starts
             for b, folder, runs in planned.values():
                 check_writable(folder)
+        n_runs = sum(len(runs) for _, _, runs in planned.values())
+        jobs = min(args.jobs, n_runs)
+        if jobs > 1 and device.type == "cpu":   # each run's share of the cores; its steps are timed so
+            torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
         expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
-        if len(planned) > 1:
+        if jobs > 1:
+            seconds = [run_seconds(exp, variant, b, expected[exp][1]) for exp, (b, _, runs) in planned.items()
+                       for variant, *_ in runs]
+            print(f"expected in all with --jobs {jobs} (runs at once, {torch.get_num_threads()} thread(s) each): about "
+                  f"{fmt_seconds(makespan(seconds, jobs))}", flush=True)
+        elif len(planned) > 1:
             print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
         if args.estimate:
             return 0
-        if args.jobs > 1 and args.seeds > 1:
-            summaries = run_seed_processes(sys.argv[1:] if argv is None else argv, args, planned)
+        if jobs > 1:
+            summaries = run_processes(sys.argv[1:] if argv is None else argv, args, planned, expected)
         else:
             summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1]) for exp in planned]
     except UsageError as e:

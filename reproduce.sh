@@ -12,17 +12,31 @@ cd "$(dirname "$0")"
 preset=() out=results
 if [[ "${1:-}" == "--quick" ]]; then preset=(--preset quick) out=results-quick; shift; fi
 python -c "import torch, torchvision, scipy, matplotlib" 2>/dev/null || python -m pip install -r requirements.txt
-resume=--resume; for a in "$@"; do [[ "$a" == --overwrite ]] && resume=; done
-echo "== expected time (step costs timed on this machine) =="
-python dgr.py --exp all "${preset[@]}" --out "$out" --estimate $resume "$@"
-failed=()
-for exp in chain permuted split mnist-svhn svhn-mnist lwf; do
-  echo "== $exp =="
-  python dgr.py --exp "$exp" "${preset[@]}" --out "$out" $resume "$@" || failed+=("$exp")
+resume=--resume prev=
+for a in "$@"; do   # --overwrite drops --resume; --out moves the folder summarised at the end
+  [[ "$a" == --overwrite ]] && resume=
+  [[ "$prev" == --out ]] && out="$a"
+  [[ "$a" == --out=* ]] && out="${a#--out=}"
+  prev="$a"
 done
+# Without CUDA, runs go side by side, a process and a share of the cores each (up to 4: a permuted run
+# holds ~3 GB); small networks use two cores poorly, so two 1-thread runs do ~1.5x the work of one.
+jobs=$(python -c "import os, torch; print(1 if torch.cuda.is_available() else min(4, os.cpu_count() or 1))")
+echo "== expected time (step costs timed on this machine) =="
+python dgr.py --exp all "${preset[@]}" --out "$out" --estimate --jobs "$jobs" $resume "$@"
+failed=()
+if (( jobs > 1 )); then
+  echo "== every experiment, up to $jobs runs at once =="
+  python dgr.py --exp all "${preset[@]}" --out "$out" --jobs "$jobs" $resume "$@" || failed+=("some runs")
+else
+  for exp in chain permuted split mnist-svhn svhn-mnist lwf; do
+    echo "== $exp =="
+    python dgr.py --exp "$exp" "${preset[@]}" --out "$out" $resume "$@" || failed+=("$exp")
+  done
+fi
 cat "$out"/*/summary.md > "$out/summary.md" 2>/dev/null || true
 echo "results (JSON per run), figures (PNG) and summary.md per experiment are in $out/"
 if (( ${#failed[@]} )); then
-  echo "failed: ${failed[*]} (see the message above each; SVHN must be in \$DGR_DATA/SVHN when offline)" >&2
+  echo "failed: ${failed[*]} (the messages are above; SVHN must be in \$DGR_DATA/SVHN when offline)" >&2
   exit 1
 fi

@@ -41,6 +41,7 @@ def patch(name: str) -> None:
 
 
 if __name__ == "__main__":
+    dgr.RUN_COMMAND = [sys.executable, os.path.abspath(__file__)]   # --jobs: every run gets the patches too
     for name in filter(None, os.environ.get("DGR_TEST_PATCHES", "").split(",")):
         patch(name)
     sys.exit(dgr.main(sys.argv[1:]))

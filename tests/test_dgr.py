@@ -479,16 +479,37 @@ def test_seed_ranges_share_one_out(tmp_path):
             load_run(str(tmp_path / "alone"), "split", "none", seed)["final"]
 
 
-def test_jobs_run_seeds_in_parallel_processes(tmp_path):
-    """--jobs 2: the seeds run at once, a process each; each seed's result is the one a sequential run
-    gives, and the summary counts them all."""
+def test_jobs_run_variants_and_seeds_in_parallel_processes(tmp_path):
+    """--jobs 2: the runs (variant x seed) go at once, a process each with half the CPU threads; each
+    run's result is the one a sequential run gives, and the summary counts them all."""
     require_mnist()
-    tiny = ["--exp", "split", "--preset", "quick", "--variants", "none", "--solver-iters", "20", "--eval-every", "10",
-            "--seeds", "2"]
+    tiny = ["--exp", "split", "--preset", "quick", "--variants", "none,noise", "--solver-iters", "20",
+            "--eval-every", "10", "--seeds", "2"]
     par = run_dgr(*tiny, "--jobs", "2", "--out", str(tmp_path / "par"))
     seq = run_dgr(*tiny, "--out", str(tmp_path / "seq"))
     assert par.returncode == 0 and seq.returncode == 0, par.stderr + seq.stderr
-    assert "| None | 2 |" in (tmp_path / "par" / "split" / "summary.md").read_text()
-    for seed in (0, 1):
-        assert load_run(str(tmp_path / "par"), "split", "none", seed)["final"] == \
-            load_run(str(tmp_path / "seq"), "split", "none", seed)["final"]
+    assert "expected in all with --jobs 2" in par.stdout
+    summary = (tmp_path / "par" / "split" / "summary.md").read_text()
+    assert "| None | 2 |" in summary and "| Noise | 2 |" in summary
+    threads = torch.get_num_threads()
+    for variant in ("none", "noise"):
+        for seed in (0, 1):
+            run = load_run(str(tmp_path / "par"), "split", variant, seed)
+            assert run["final"] == load_run(str(tmp_path / "seq"), "split", variant, seed)["final"]
+            assert run["machine"].endswith(f"{max(1, threads // 2)} threads")
+
+
+def test_jobs_go_on_past_a_failed_run(tmp_path):
+    """--jobs: a run refused (SVHN missing, offline) is named at the end (exit 3); the other runs finish
+    and each experiment with results gets its summary."""
+    require_mnist()
+    (tmp_path / "data").symlink_to(os.path.abspath(DATA))   # MNIST, no SVHN
+    proc = run_dgr("--exp", "all", "--preset", "quick", "--variants", "none,noise", "--solver-iters", "10",
+                   "--eval-every", "10", "--jobs", "2", "--out", str(tmp_path / "out"),
+                   data_dir=str(tmp_path / "data"), patches=("offline",))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    for exp in ("mnist-svhn", "svhn-mnist", "lwf"):
+        assert f"{exp} refused, 2 run(s) not done" in proc.stderr, proc.stderr
+    for exp in ("chain", "permuted", "split"):
+        assert (tmp_path / "out" / exp / "summary.md").exists()
+    assert not (tmp_path / "out" / "lwf" / "summary.md").exists()
