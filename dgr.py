@@ -1470,8 +1470,8 @@ def run_processes(argv: list[str], args: Args, planned: dict, expected: dict) ->
     runs = sorted(((run_seconds(exp, variant, b, expected[exp][1]), exp, variant, seed)
                    for exp, (b, _, planned_runs) in planned.items() for variant, seed, _, _ in planned_runs), reverse=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}   # main() has set each run's share
-    pending = [(exp, f"{exp} {variant} seed {seed}", [*RUN_COMMAND, *argv, "--jobs", "1", "--exp", exp,
-                "--variants", variant, "--seed-start", str(seed), "--seeds", "1"]) for _, exp, variant, seed in runs]
+    pending = [(exp, f"{exp} {variant} seed {seed}", [*RUN_COMMAND, *argv, "--jobs", "1", "--preset", args.preset, "--exp",
+                exp, "--variants", variant, "--seed-start", str(seed), "--seeds", "1"]) for _, exp, variant, seed in runs]
     running, failed, refused = [], [], {}
     while pending or running:
         while pending and len(running) < args.jobs:
