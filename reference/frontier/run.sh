@@ -28,7 +28,7 @@ declare -A POINTS=(
   [mlp128-g800-c3-s1000-lr3e-4-cos-distill]="gan=mlp,width=128,gen_iters=800,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine"
   [mlp128-g1500-c3-s1000-lr3e-4-cos]="gan=mlp,width=128,gen_iters=1500,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine"
   # permuted MNIST, 10 tasks. The point permuted-mlp128-g800-s5000 (the former fast budget) is not run here:
-  # it is the GR run of reproduce.sh (reference/fast/reproduce/permuted), copied; its --preset is fast.
+  # it is the GR run of reproduce.sh at commit a449b76 (then in reference/fast/reproduce/permuted), copied; its --preset is fast.
   [permuted-mlp256-g3000-s2500]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
   [permuted-mlp256-g3000-s5000]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
   [permuted-mlp256-g3000-s2500-distill]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
