@@ -11,6 +11,7 @@ Run an experiment of the paper (results, curves and sample grids land in --out, 
     python dgr.py --exp permuted --variants gr,none  # Fig. 2
     python dgr.py --exp all --preset quick          # every experiment, tiny budgets (CPU, minutes)
     python dgr.py --exp all --estimate              # the expected time of each, timed here; runs nothing
+    python dgr.py --exp chain,split --seeds 3 --jobs 2  # two experiments, 3 seeds, two runs at a time
     python dgr.py --help
 Without --preset: the paper's budgets where CUDA is available, else the fast preset (minutes on a CPU).
 Reuse the pieces: `from dgr import Scholar, train_task` (importing runs nothing).
@@ -52,7 +53,7 @@ def arg(default, help: str, choices=None):
 
 @dataclass
 class Args:
-    exp: str = arg("permuted", "experiment, or all", EXPERIMENTS + ("all",))
+    exp: str = arg("permuted", f"experiment(s), comma-separated, or all: {', '.join(EXPERIMENTS)}")
     variants: str = arg("gr,er,noise,none", "comma-separated, among gr, gr+distill, er, ewc, noise, none")
     preset: str = arg("auto", "budgets: paper, fast (CPU), quick (smoke); auto: paper with CUDA, else fast",
                       ("auto", "paper", "fast", "quick"))
@@ -1357,6 +1358,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def check_args(args: Args) -> None:
+    bad = [e for e in experiment_list(args) if e not in EXPERIMENTS]
+    if bad or not experiment_list(args):
+        raise UsageError(f"unknown experiment {', '.join(bad) or '(none given)'}: choose from {','.join(EXPERIMENTS)} or all")
     bad = [v for v in variant_list(args) if v not in VARIANTS]
     if bad or not variant_list(args):
         raise UsageError(f"unknown variant {', '.join(bad) or '(none given)'}: choose from {','.join(VARIANTS)}")
@@ -1377,6 +1381,11 @@ def check_args(args: Args) -> None:
         budget_overrides(args.budget)
     except ValueError as e:
         raise UsageError(f"--budget: {e}") from None
+
+
+def experiment_list(args: Args) -> list[str]:
+    names = [e.strip().lower() for e in args.exp.split(",") if e.strip()]
+    return list(EXPERIMENTS) if names == ["all"] else list(dict.fromkeys(names))
 
 
 def variant_list(args: Args) -> list[str]:
@@ -1516,7 +1525,7 @@ def main(argv: list[str] | None = None) -> int:
         GRAPHS["on"] = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
         torch.autograd.set_detect_anomaly(args.detect_anomaly)
         planned = {}
-        for exp in EXPERIMENTS if args.exp == "all" else (args.exp,):
+        for exp in experiment_list(args):
             b = budget_for(args, exp)
             planned[exp] = (b, os.path.join(args.out, exp), plan_runs(exp, args, b, os.path.join(args.out, exp)))
         if not args.estimate:   # every refusal (exit 2) before anything heavy starts

@@ -252,7 +252,8 @@ def test_solver_step_uses_old_solver_labels(old_scholar, mnist):
 # ---------------------------------------------------------------------------------------------- CLI
 
 @pytest.mark.parametrize("argv,message", [
-    (["--exp", "bogus"], "invalid choice: 'bogus'"),
+    (["--exp", "bogus"], "unknown experiment bogus: choose from chain,permuted,"),
+    (["--exp", "split,bogus"], "unknown experiment bogus"),
     (["--variants", "gr,foo"], "unknown variant foo"),
     (["--r", "1.5"], "--r must lie in [0, 1]"),
     (["--r", "-0.1"], "--r must lie in [0, 1]"),
