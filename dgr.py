@@ -1469,15 +1469,14 @@ def announce(exp: str, b: Budget, runs: list, device) -> tuple[float, dict[str, 
 RUN_COMMAND = [sys.executable, os.path.abspath(__file__)]   # how --jobs starts a run (tests/patched_dgr.py: itself)
 
 
-def run_processes(argv: list[str], args: Args, planned: dict, expected: dict) -> list[str]:
-    """--jobs N: each run to do (experiment, variant, seed) in its own process (this script with --exp E
-    --variants V --seed-start k --seeds 1), at most N at once, the longest expected first, all into --out
-    (on a CPU each with its share of the threads). A failed run does not stop the others; a refused one
+def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[float, str, str, int]]) -> list[str]:
+    """--jobs N: each run to do, (expected seconds, experiment, variant, seed), in its own process (this script
+    with --exp E --variants V --seed-start k --seeds 1), at most N at once, the longest expected first, all into
+    --out (on a CPU each with its share of the threads). A failed run does not stop the others; a refused one
     (exit 2: a dataset missing, say) skips the rest of its experiment, which would be refused alike. Then
     the figures and summary of each experiment from every result in its folder."""
     import subprocess
-    runs = sorted(((run_seconds(exp, variant, b, expected[exp][1]), exp, variant, seed)
-                   for exp, (b, _, planned_runs) in planned.items() for variant, seed, _, _ in planned_runs), reverse=True)
+    runs = sorted(runs, reverse=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}   # main() has set each run's share
     pending = [(exp, f"{exp} {variant} seed {seed}", [*RUN_COMMAND, *argv, "--jobs", "1", "--preset", args.preset, "--exp",
                 exp, "--variants", variant, "--seed-start", str(seed), "--seeds", "1"]) for _, exp, variant, seed in runs]
@@ -1536,17 +1535,17 @@ def main(argv: list[str] | None = None) -> int:
         if jobs > 1 and device.type == "cpu":   # each run's share of the cores; its steps are timed so
             torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
         expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
+        per_run = [(run_seconds(exp, variant, b, expected[exp][1]), exp, variant, seed)
+                   for exp, (b, _, runs) in planned.items() for variant, seed, _, _ in runs]
         if jobs > 1:
-            seconds = [run_seconds(exp, variant, b, expected[exp][1]) for exp, (b, _, runs) in planned.items()
-                       for variant, *_ in runs]
             print(f"expected in all with --jobs {jobs} (runs at once, {torch.get_num_threads()} thread(s) each): about "
-                  f"{fmt_seconds(makespan(seconds, jobs))}", flush=True)
+                  f"{fmt_seconds(makespan([seconds for seconds, *_ in per_run], jobs))}", flush=True)
         elif len(planned) > 1:
             print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
         if args.estimate:
             return 0
         if jobs > 1:
-            summaries = run_processes(sys.argv[1:] if argv is None else argv, args, planned, expected)
+            summaries = run_processes(sys.argv[1:] if argv is None else argv, args, planned, per_run)
         else:
             summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1]) for exp in planned]
     except UsageError as e:
