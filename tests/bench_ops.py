@@ -39,11 +39,31 @@ def time_ms(fn, device, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_losses(device, batches, with_compile: bool, reps: int) -> list[dict]:
-    """Forward + backward of each loss: eager reference, torch.compile of the reference, fused op."""
+def graph_replay_ms(fn, device, reps: int, per_graph: int = 10) -> float:
+    """GPU time of fn() in ms without launch overhead: `per_graph` calls captured in one CUDA graph (after
+    warm-up on a side stream), the graph's replays timed with events; median of reps, per call."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
+    return time_ms(graph.replay, device, reps) / per_graph
+
+
+def bench_losses(device, batches, with_compile: bool, reps: int, report) -> list[dict]:
+    """Forward + backward of each loss: eager reference, torch.compile of the reference, fused op. On CUDA
+    (not --quick) the penalty also at B = 8192 x 3x32x32 (25M elements), timed twice: as above, and as GPU
+    time by CUDA graph replay (no launch overhead: the kernels' own time), beside a copy of the same
+    bytes (what the card's memory can do here); GB/s counts the fewest bytes the op must move."""
     rows = []
     for shape in ((1, 28, 28), (3, 32, 32)):
-        for n in batches:
+        big = (8192,) if device.type == "cuda" and len(batches) > 1 and shape == (3, 32, 32) else ()
+        for n in (*batches, *big):
             g = (torch.randn(n, *shape, device=device) * 0.03).requires_grad_(True)
             lr, lp = torch.randn(n, 10, device=device, requires_grad=True), torch.randn(n, 10, device=device, requires_grad=True)
             y, t = torch.randint(10, (n,), device=device), torch.randn(n, 10, device=device).softmax(1)
@@ -57,16 +77,61 @@ def bench_losses(device, batches, with_compile: bool, reps: int) -> list[dict]:
                 row = {"op": op, "shape": "x".join(map(str, shape)) if op == "gradient_penalty" else "10 classes",
                        "batch": n, "eager_ms": time_ms(lambda: run(ref), device, reps)}
                 if with_compile:
+                    torch._dynamo.reset()   # a fresh compile per row, never the recompile limit's eager fallback
                     compiled = torch.compile(ref, dynamic=False)
                     row["compiled_ms"] = time_ms(lambda: run(compiled), device, reps)
                 row["fused_ms"] = time_ms(lambda: run(fused), device, reps)
                 if op == "gradient_penalty":   # fewest bytes: read g (forward), read g and write dg (backward)
                     row["fused_GBps"] = 3 * g.numel() * g.element_size() / (row["fused_ms"] * 1e6)
                 rows.append(row)
+                report(row)
+                if n in big and op == "gradient_penalty":
+                    rows += bench_gpu_time(g, run, ref, compiled if with_compile else None, fused, device, reps, report)
     return rows
 
 
-def bench_steps(device, batches, reps: int) -> list[dict]:
+def bench_gpu_time(g, run, ref, compiled, fused, device, reps: int, report) -> list[dict]:
+    """The penalty's forward + backward as GPU time (graph replay), and a copy of g for reference."""
+    shape, n, nbytes = "x".join(map(str, g.shape[1:])), len(g), g.numel() * g.element_size()
+    src, dst = g.detach().clone(), torch.empty_like(g)
+    copy = {"op": "copy (read + write g)", "shape": shape, "batch": n,
+            "eager_ms": graph_replay_ms(lambda: dst.copy_(src), device, reps)}
+    copy["fused_GBps"] = 2 * nbytes / (copy["eager_ms"] * 1e6)
+    row = {"op": "gradient_penalty, GPU time", "shape": shape, "batch": n,
+           "eager_ms": graph_replay_ms(lambda: run(ref), device, reps),
+           "fused_ms": graph_replay_ms(lambda: run(fused), device, reps)}
+    if compiled is not None:
+        try:
+            row["compiled_ms"] = graph_replay_ms(lambda: run(compiled), device, reps)
+        except Exception as e:   # inductor's code may not capture; say so and go on
+            print(f"compiled penalty not captured in a CUDA graph: {type(e).__name__}: {e}", flush=True)
+    row["fused_GBps"] = 3 * nbytes / (row["fused_ms"] * 1e6)
+    for r in (copy, row):
+        report(r)
+    return [copy, row]
+
+
+def kernel_profile(fn, reps: int = 10) -> dict:
+    """Per call of fn (eager, CUDA): the device activities launched (kernels, copies, fills) and their
+    summed GPU time, from the profiler, and the three costliest kernels. Beside the graphed time it says
+    what bounds a step: launches (graphed << eager) or the kernels themselves (graphed ~ GPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = {}
+    for e in device_events:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
+    return {"kernels": len(device_events) / reps, "kernel_ms": sum(by_name.values()) / reps / 1e3,
+            "top_kernels": [(name[:80], us / reps / 1e3) for name, us in top]}
+
+
+def bench_steps(device, batches, reps: int, report) -> list[dict]:
     """One whole critic step (WGAN-GP, width 64), generator step and solver step (GR replay, half real),
     with impl torch and impl ext; an optimizer with lr 0 keeps the weights as they were."""
     rows = []
@@ -96,7 +161,12 @@ def bench_steps(device, batches, reps: int) -> list[dict]:
                         row["graphed_ms"] = time_ms(graphed, device, reps)
                     finally:
                         dgr.GRAPHS["on"] = False
+                    try:
+                        row.update(kernel_profile(run))
+                    except Exception as e:   # no CUPTI, say: the times above still stand
+                        print(f"profiler failed on the {step}: {type(e).__name__}: {e}", flush=True)
                 rows.append(row)
+                report(row)
     return rows
 
 
@@ -109,20 +179,27 @@ def main() -> None:
     device = torch.device(args.device)
     dgr.load_extension(required=True)
     batches, reps = ((64,), 5) if args.quick else ((64, 256, 1024), 50 if device.type == "cuda" else 10)
-    rows = bench_losses(device, batches, with_compile=not args.quick, reps=reps) + bench_steps(device, batches, reps)
-    lines = [f"## Benchmark ({dgr.machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
-             "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | graphed ms (speed-up) "
-             "| fused GB/s |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        cell = lambda key: f"{r[key]:.3f} ({r['eager_ms'] / r[key]:.2f}x)" if key in r else "n/a"
-        lines.append(f"| {r['op']} | {r['shape']} | {r['batch']} | {r['eager_ms']:.3f} | {cell('compiled_ms')} | "
-                     f"{cell('fused_ms')} | {cell('graphed_ms')} | " + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " |")
-    text = "\n".join(lines) + "\n"
     folder = os.path.join(args.out, "bench")
     os.makedirs(folder, exist_ok=True)
-    dgr.write_json(os.path.join(folder, "bench.json"), {"machine": dgr.machine_name(device), "torch": torch.__version__, "rows": rows})
-    dgr.write_text(os.path.join(folder, "bench.md"), text)
-    print(text)
+    header = [f"## Benchmark ({dgr.machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
+              "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | graphed ms (speed-up) "
+              "| fused GB/s | kernels, GPU ms |", "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(header), flush=True)
+    rows = []
+
+    def report(r: dict) -> None:   # each row printed and the files rewritten as soon as it is timed
+        cell = lambda key: f"{r[key]:.3f} ({r['eager_ms'] / r[key]:.2f}x)" if key in r else "n/a"
+        line = (f"| {r['op']} | {r['shape']} | {r['batch']} | {r['eager_ms']:.3f} | {cell('compiled_ms')} | "
+                f"{cell('fused_ms')} | {cell('graphed_ms')} | " + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " | "
+                + (f"{r['kernels']:.0f}, {r['kernel_ms']:.3f}" if "kernels" in r else "") + " |")
+        print(line, flush=True)
+        rows.append((r, line))
+        dgr.write_json(os.path.join(folder, "bench.json"), {"machine": dgr.machine_name(device), "torch": torch.__version__,
+                                                            "rows": [row for row, _ in rows]})
+        dgr.write_text(os.path.join(folder, "bench.md"), "\n".join(header + [line for _, line in rows]) + "\n")
+
+    bench_steps(device, batches, reps, report)   # whole steps first: the goals of a GPU check
+    bench_losses(device, batches, with_compile=not args.quick, reps=reps, report=report)
 
 
 if __name__ == "__main__":
