@@ -42,28 +42,29 @@ def time_ms(fn, device, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def captured(fn, device):
+    """fn as dgr's whole-step CUDA graph (what --graphs on does: three eager warm-up calls on a side
+    stream, then captured once and replayed), whatever GRAPHS says elsewhere."""
+    dgr.GRAPHS["on"] = True
+    try:
+        return dgr.graphed(fn, device)
+    finally:
+        dgr.GRAPHS["on"] = False
+
+
 def graph_replay_ms(fn, device, reps: int, per_graph: int = 10) -> float:
-    """GPU time of fn() in ms without launch overhead: `per_graph` calls captured in one CUDA graph (after
-    warm-up on a side stream), the graph's replays timed with events; median of reps, per call."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(per_graph):
-            fn()
-    return time_ms(graph.replay, device, reps) / per_graph
+    """GPU time of fn() in ms without launch overhead: `per_graph` calls captured in one CUDA graph, the
+    graph's replays timed with events; median of reps, per call."""
+    graph = captured(lambda: [fn() for _ in range(per_graph)], device)
+    graph()   # eager warm-up 1 of 3; time_ms warms up twice more and captures
+    return time_ms(graph, device, reps) / per_graph
 
 
-def bench_losses(device, batches, with_compile: bool, reps: int, report) -> list[dict]:
+def bench_losses(device, batches, with_compile: bool, reps: int, report) -> None:
     """Forward + backward of each loss: eager reference, torch.compile of the reference, fused op. On CUDA
     (not --quick) the penalty also at B = 8192 x 3x32x32 (25M elements), timed twice: as above, and as GPU
     time by CUDA graph replay (no launch overhead: the kernels' own time), beside a copy of the same
     bytes (what the card's memory can do here); GB/s counts the fewest bytes the op must move."""
-    rows = []
     for shape in ((1, 28, 28), (3, 32, 32)):
         big = (8192,) if device.type == "cuda" and len(batches) > 1 and shape == (3, 32, 32) else ()
         for n in (*batches, *big):
@@ -86,14 +87,12 @@ def bench_losses(device, batches, with_compile: bool, reps: int, report) -> list
                 row["fused_ms"] = time_ms(lambda: run(fused), device, reps)
                 if op == "gradient_penalty":   # fewest bytes: read g (forward), read g and write dg (backward)
                     row["fused_GBps"] = 3 * g.numel() * g.element_size() / (row["fused_ms"] * 1e6)
-                rows.append(row)
                 report(row)
                 if n in big and op == "gradient_penalty":
-                    rows += bench_gpu_time(g, run, ref, compiled if with_compile else None, fused, device, reps, report)
-    return rows
+                    bench_gpu_time(g, run, ref, compiled if with_compile else None, fused, device, reps, report)
 
 
-def bench_gpu_time(g, run, ref, compiled, fused, device, reps: int, report) -> list[dict]:
+def bench_gpu_time(g, run, ref, compiled, fused, device, reps: int, report) -> None:
     """The penalty's forward + backward as GPU time (graph replay), and a copy of g for reference."""
     shape, n, nbytes = "x".join(map(str, g.shape[1:])), len(g), g.numel() * g.element_size()
     src, dst = g.detach().clone(), torch.empty_like(g)
@@ -109,9 +108,8 @@ def bench_gpu_time(g, run, ref, compiled, fused, device, reps: int, report) -> l
         except Exception as e:   # inductor's code may not capture; say so and go on
             print(f"compiled penalty not captured in a CUDA graph: {type(e).__name__}: {e}", flush=True)
     row["fused_GBps"] = 3 * nbytes / (row["fused_ms"] * 1e6)
-    for r in (copy, row):
-        report(r)
-    return [copy, row]
+    report(copy)
+    report(row)
 
 
 def kernel_profile(fn, reps: int = 10) -> dict:
@@ -134,10 +132,9 @@ def kernel_profile(fn, reps: int = 10) -> dict:
             "top_kernels": [(name[:80], us / reps / 1e3) for name, us in top]}
 
 
-def bench_steps(device, batches, reps: int, report) -> list[dict]:
+def bench_steps(device, batches, reps: int, report) -> None:
     """One whole critic step (WGAN-GP, width 64), generator step and solver step (GR replay, half real),
     with impl torch and impl ext; an optimizer with lr 0 keeps the weights as they were."""
-    rows = []
     for shape in ((1, 28, 28), (3, 32, 32)):
         s = dgr.Scholar(shape, dgr.Budget()).to(device)
         keep = torch.optim.SGD(s.parameters(), lr=0.0)
@@ -157,23 +154,19 @@ def bench_steps(device, batches, reps: int, report) -> list[dict]:
                     finally:
                         dgr.set_impl("auto")
                 if device.type == "cuda":   # the whole step as one CUDA graph (fused ops), --graphs on; then
-                    dgr.GRAPHS["on"] = True     # again with cuDNN's algorithms chosen by timing (benchmark mode)
-                    try:
+                    try:                        # again with cuDNN's algorithms chosen by timing (benchmark mode)
                         for key, autotune in (("graphed_ms", False), ("graphed_tuned_ms", True)):
                             torch.backends.cudnn.benchmark = autotune
-                            graphed = dgr.graphed(run, device)
+                            graphed = captured(run, device)
                             graphed()   # eager warm-up 1 of 3 (cuDNN tunes here); time_ms warms up twice more, captures
                             row[key] = time_ms(graphed, device, reps)
                     finally:
-                        dgr.GRAPHS["on"] = False
                         torch.backends.cudnn.benchmark = False
                     try:
                         row.update(kernel_profile(run))
                     except Exception as e:   # no CUPTI, say: the times above still stand
                         print(f"profiler failed on the {step}: {type(e).__name__}: {e}", flush=True)
-                rows.append(row)
                 report(row)
-    return rows
 
 
 def main() -> None:

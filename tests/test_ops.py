@@ -315,7 +315,7 @@ def test_graphed_training_equals_eager_training(device, monkeypatch, float64_def
     if device == "cpu":
         assert torch.equal(eager, graphed)
     else:
-        diff = (eager - graphed).abs()
-        assert torch.allclose(eager, graphed, rtol=1e-7, atol=1e-9), (
+        diff, rtol, atol = (eager - graphed).abs(), 1e-7, 1e-9
+        assert torch.allclose(eager, graphed, rtol=rtol, atol=atol), (
             f"max |diff| {diff.max():.3g} at |w| {eager[diff.argmax()].abs():.3g}; "
-            f"{int((diff > 1e-9 + 1e-7 * eager.abs()).sum())} of {len(eager)} weights differ")
+            f"{int((diff > atol + rtol * eager.abs()).sum())} of {len(eager)} weights differ")
