@@ -926,12 +926,16 @@ GRAPHS = {"on": False}   # --graphs: whole training steps as CUDA graphs (CUDA o
 
 
 def adam(module: nn.Module, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
-    """Adam over a module's parameters; with CUDA graphs on, capturable and with a tensor lr, so that a
-    replayed step reads the lr of the moment (the cosine schedule)."""
+    """Adam over a module's parameters. On CUDA the fused kernel (one launch for all weights instead of
+    about ten per group), the same arithmetic with graphs on or off; with graphs on also capturable and
+    with a tensor lr, so that a replayed step reads the lr of the moment (the cosine schedule)."""
     p = next(module.parameters())
-    if GRAPHS["on"] and p.is_cuda:
-        return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=p.device), betas=betas, capturable=True)
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+    if not p.is_cuda:
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+    if GRAPHS["on"]:
+        return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=p.device), betas=betas,
+                                capturable=True, fused=True)
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, fused=True)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

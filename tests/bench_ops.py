@@ -4,9 +4,10 @@
 
 Each loss forward + backward runs as the eager reference, torch.compile of the reference (not with
 --quick) and the fused op; each whole step (WGAN-GP critic step at width 64, generator step, solver
-step with GR replay) runs with impl torch and impl ext, and on CUDA also captured as one CUDA graph
-(with cuDNN's default algorithms, then with cudnn.benchmark), with its kernels and their GPU time
-(profiler). On CUDA the penalty is also timed as GPU time at 25M elements, beside a copy of as many
+step with GR replay, each with its Adam step as dgr.py builds it) runs with impl torch and impl ext,
+and on CUDA also captured as one CUDA graph (with cuDNN's default algorithms, then with
+cudnn.benchmark), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
+runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M elements, beside a copy of as many
 bytes. Medians of repeated runs; ratios are eager time / time. Prints a Markdown table row by row and
 writes <out>/bench/bench.json and bench.md after each row.
 """
@@ -132,41 +133,70 @@ def kernel_profile(fn, reps: int = 10) -> dict:
             "top_kernels": [(name[:80], us / reps / 1e3) for name, us in top]}
 
 
+def with_graphs(on: bool, make):
+    """make() with dgr.GRAPHS set as --graphs on/off sets it (Adam is built capturable for graphs)."""
+    dgr.GRAPHS["on"] = on
+    try:
+        return make()
+    finally:
+        dgr.GRAPHS["on"] = False
+
+
 def bench_steps(device, batches, reps: int, report) -> None:
     """One whole critic step (WGAN-GP, width 64), generator step and solver step (GR replay, half real),
-    with impl torch and impl ext; an optimizer with lr 0 keeps the weights as they were."""
+    each with its Adam step as dgr.py builds it, with impl torch and impl ext; then the Adam step of the
+    critic's weights alone: PyTorch's default, fused, and as dgr.py runs it graphed."""
+    b = dgr.Budget()
     for shape in ((1, 28, 28), (3, 32, 32)):
-        s = dgr.Scholar(shape, dgr.Budget()).to(device)
-        keep = torch.optim.SGD(s.parameters(), lr=0.0)
+        s = dgr.Scholar(shape, b).to(device)
         task = dgr.Task("bench", torch.rand(4096, *shape, device=device) * 2 - 1,
                         torch.randint(10, (4096,), device=device), None, None)
         replay = dgr.Replay("generator", s.frozen_copy())
         for n in batches:
             x = task.x_train[:n]
-            for step, run in (("critic step", lambda: dgr.critic_step(s, keep, x, 10.0)),
-                              ("generator step", lambda: dgr.generator_step(s, keep, n)),   # no fused op: a control
-                              ("solver step", lambda: dgr.solver_step(s, keep, task, replay, 0.5, n))):
+            steps = {"critic step": lambda o: dgr.critic_step(s, o["critic"], x, 10.0),
+                     "generator step": lambda o: dgr.generator_step(s, o["generator"], n),   # no fused op: a control
+                     "solver step": lambda o: dgr.solver_step(s, o["solver"], task, replay, 0.5, n)}
+            for step, run in steps.items():
                 row = {"op": step, "shape": "x".join(map(str, shape)), "batch": n}
+                opts = with_graphs(False, lambda: s.optimizers(b))
                 for impl in ("torch", "ext"):
                     dgr.set_impl(impl)
                     try:
-                        row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(run, device, reps)
+                        row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(lambda: run(opts), device, reps)
                     finally:
                         dgr.set_impl("auto")
                 if device.type == "cuda":   # the whole step as one CUDA graph (fused ops), --graphs on; then
                     try:                        # again with cuDNN's algorithms chosen by timing (benchmark mode)
                         for key, autotune in (("graphed_ms", False), ("graphed_tuned_ms", True)):
                             torch.backends.cudnn.benchmark = autotune
-                            graphed = captured(run, device)
+                            graph_opts = with_graphs(True, lambda: s.optimizers(b))
+                            graphed = captured(lambda: run(graph_opts), device)
                             graphed()   # eager warm-up 1 of 3 (cuDNN tunes here); time_ms warms up twice more, captures
                             row[key] = time_ms(graphed, device, reps)
                     finally:
                         torch.backends.cudnn.benchmark = False
                     try:
-                        row.update(kernel_profile(run))
+                        row.update(kernel_profile(lambda: run(opts)))
                     except Exception as e:   # no CUPTI, say: the times above still stand
                         print(f"profiler failed on the {step}: {type(e).__name__}: {e}", flush=True)
                 report(row)
+        bench_adam(s.critic, shape, device, reps, report)
+
+
+def bench_adam(critic, shape, device, reps: int, report) -> None:
+    """Adam on the critic's weights (random gradients): eager = PyTorch's default implementation (foreach
+    on CUDA), fused = fused=True, graphed = dgr.adam with --graphs on (fused and capturable), replayed."""
+    for p in critic.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    row = {"op": "Adam step (critic weights)", "shape": "x".join(map(str, shape)), "batch": "-",
+           "eager_ms": time_ms(torch.optim.Adam(critic.parameters(), lr=1e-4).step, device, reps)}
+    if device.type == "cuda":
+        row["fused_ms"] = time_ms(torch.optim.Adam(critic.parameters(), lr=1e-4, fused=True).step, device, reps)
+        graphed = captured(with_graphs(True, lambda: dgr.adam(critic, 1e-4)).step, device)
+        graphed()   # eager warm-up 1 of 3; time_ms warms up twice more and captures
+        row["graphed_ms"] = time_ms(graphed, device, reps)
+    report(row)
 
 
 def main() -> None:

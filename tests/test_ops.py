@@ -294,7 +294,7 @@ def test_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch):
 def test_graphed_training_equals_eager_training(device, monkeypatch, float64_default):
     """train_task with whole steps captured as CUDA graphs (--graphs on) learns what eager steps learn,
     random numbers included (drawn inside the graph, from the same generator). In float64 with cuDNN
-    deterministic, so that only rounding differs (capturable Adam's arithmetic), far below what 18 steps
+    deterministic, so that only rounding differs (fused Adam on CUDA either way), far below what 18 steps
     amplify (in float32, Adam turns the rounding of a near-zero gradient into an lr-sized step, and
     cuDNN's default algorithms are not deterministic). On the CPU graphs are off whatever GRAPHS says."""
     b = dgr.Budget(solver_iters=12, gen_iters=6, n_critic=2, batch=32, gen_batch=16, width=8, hidden=32,
