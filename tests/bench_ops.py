@@ -7,9 +7,9 @@ Each loss forward + backward runs as the eager reference, torch.compile of the r
 step with GR replay, each with its Adam step as dgr.py builds it) runs with impl torch and impl ext,
 and on CUDA also captured as one CUDA graph (with cuDNN's default algorithms, then with
 cudnn.benchmark), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
-runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M elements, beside a copy of as many
-bytes. Medians of repeated runs; ratios are eager time / time. Prints a Markdown table row by row and
-writes <out>/bench/bench.json and bench.md after each row.
+runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M
+elements, beside a copy of as many bytes. Medians of repeated runs; ratios are eager time / time.
+Prints a Markdown table row by row and writes <out>/bench/bench.json and bench.md after each row.
 """
 import argparse
 import json
