@@ -926,8 +926,8 @@ GRAPHS = {"on": False}   # --graphs: whole training steps as CUDA graphs (CUDA o
 
 
 def adam(module: nn.Module, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
-    """Adam over a module's parameters. On CUDA the fused kernel (one launch for all weights instead of
-    about ten per group), the same arithmetic with graphs on or off; with graphs on also capturable and
+    """Adam over a module's parameters. On CUDA the fused kernel (instead of the multi-tensor path's chain
+    of foreach kernels), the same arithmetic with graphs on or off; with graphs on also capturable and
     with a tensor lr, so that a replayed step reads the lr of the moment (the cosine schedule)."""
     p = next(module.parameters())
     if not p.is_cuda:
