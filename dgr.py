@@ -932,10 +932,9 @@ def adam(module: nn.Module, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
     p = next(module.parameters())
     if not p.is_cuda:
         return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
-    if GRAPHS["on"]:
-        return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=p.device), betas=betas,
-                                capturable=True, fused=True)
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, fused=True)
+    graphs = GRAPHS["on"]
+    return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=p.device) if graphs else lr, betas=betas,
+                            capturable=graphs, fused=True)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

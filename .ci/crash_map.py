@@ -1,6 +1,7 @@
 """Which bad inputs raise a clean RuntimeError and which crash the process, each in its own subprocess.
 
     python .ci/crash_map.py [--root DIR]     # DIR holds the dgr.py and dgr_ops build to test (default: .)
+    python .ci/crash_map.py --code NAME      # print one case's program (for a debugger), run nothing
 
 On the lent H200 (2026-11-27) two of the CPU kernel's input checks segfaulted instead of raising, where
 one that names only a dtype raised. The cases differ in what their message streams (text only, a dtype,
@@ -28,7 +29,12 @@ CASES = {   # name: (what the message streams, the call)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=".", help="folder with dgr.py and its dgr_ops build")
-    root = os.path.abspath(parser.parse_args().root)
+    parser.add_argument("--code", choices=CASES, help="print this case's program and exit")
+    args = parser.parse_args()
+    if args.code:
+        print(SETUP + CASES[args.code][1])
+        return
+    root = os.path.abspath(args.root)
     print(f"bad inputs, {root}:")
     for name, (streams, call) in CASES.items():
         code = SETUP + f"try:\n    {call}\n    print('no error')\nexcept RuntimeError as e:\n    print('raised: ' + str(e).splitlines()[0][:90])\n"

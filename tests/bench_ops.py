@@ -43,14 +43,19 @@ def time_ms(fn, device, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def with_graphs(on: bool, make):
+    """make() with dgr.GRAPHS set as --graphs on/off sets it (Adam is built capturable for graphs)."""
+    dgr.GRAPHS["on"] = on
+    try:
+        return make()
+    finally:
+        dgr.GRAPHS["on"] = False
+
+
 def captured(fn, device):
     """fn as dgr's whole-step CUDA graph (what --graphs on does: three eager warm-up calls on a side
     stream, then captured once and replayed), whatever GRAPHS says elsewhere."""
-    dgr.GRAPHS["on"] = True
-    try:
-        return dgr.graphed(fn, device)
-    finally:
-        dgr.GRAPHS["on"] = False
+    return with_graphs(True, lambda: dgr.graphed(fn, device))
 
 
 def graph_replay_ms(fn, device, reps: int, per_graph: int = 10) -> float:
@@ -131,15 +136,6 @@ def kernel_profile(fn, reps: int = 10) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:3]
     return {"kernels": len(device_events) / reps, "kernel_ms": sum(by_name.values()) / reps / 1e3,
             "top_kernels": [(name[:80], us / reps / 1e3) for name, us in top]}
-
-
-def with_graphs(on: bool, make):
-    """make() with dgr.GRAPHS set as --graphs on/off sets it (Adam is built capturable for graphs)."""
-    dgr.GRAPHS["on"] = on
-    try:
-        return make()
-    finally:
-        dgr.GRAPHS["on"] = False
 
 
 def bench_steps(device, batches, reps: int, report) -> None:
