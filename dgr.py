@@ -1508,24 +1508,31 @@ def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[f
     return summaries
 
 
+def configure(args: Args) -> torch.device:
+    """Apply the options that set up the process (device, preset auto, --impl, --graphs, anomaly
+    detection); the device to run on. Raises UsageError for a bad combination."""
+    device = resolve_device(args.device)
+    if args.preset == "auto":
+        args.preset = "paper" if device.type == "cuda" else "fast"
+        print(f"preset {args.preset}: " + ("CUDA is available" if device.type == "cuda" else
+              "no CUDA; the paper preset's GR takes hours per run on a CPU (--preset paper to insist)"), flush=True)
+    set_impl(args.impl)
+    if args.impl == "ext":
+        try:
+            use_extension(torch.empty(0, device=device), "ext")
+        except RuntimeError as e:
+            raise UsageError(f"--impl ext: {e}") from None
+    if args.graphs == "on" and device.type != "cuda":
+        raise UsageError(f"--graphs on: CUDA graphs need a CUDA device, not {device}")
+    GRAPHS["on"] = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
+    torch.autograd.set_detect_anomaly(args.detect_anomaly)
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        device = resolve_device(args.device)
-        if args.preset == "auto":
-            args.preset = "paper" if device.type == "cuda" else "fast"
-            print(f"preset {args.preset}: " + ("CUDA is available" if device.type == "cuda" else
-                  "no CUDA; the paper preset's GR takes hours per run on a CPU (--preset paper to insist)"), flush=True)
-        set_impl(args.impl)
-        if args.impl == "ext":
-            try:
-                use_extension(torch.empty(0, device=device), "ext")
-            except RuntimeError as e:
-                raise UsageError(f"--impl ext: {e}") from None
-        if args.graphs == "on" and device.type != "cuda":
-            raise UsageError(f"--graphs on: CUDA graphs need a CUDA device, not {device}")
-        GRAPHS["on"] = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
-        torch.autograd.set_detect_anomaly(args.detect_anomaly)
+        device = configure(args)
         planned = {}
         for exp in experiment_list(args):
             b = budget_for(args, exp)

@@ -69,6 +69,22 @@ def test_split_gr_beats_none(split_run):
     assert er > gr, (er, gr)   # exact replay is the upper bound
 
 
+def test_sample_quality_judges_the_run_without_changing_it(split_run, tmp_path):
+    """reference/frontier/sample_quality.py: the same GR run as dgr.py's (its hook restores the random
+    stream), with the judge's view of each task's generator samples."""
+    out, _ = split_run
+    proc = run_dgr("--preset", "quick", "--samples", "300", "--judge-steps", "100", "--out", str(tmp_path),
+                   script=os.path.join("reference", "frontier", "sample_quality.py"))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "sample_quality_seed0.json") as f:
+        report = json.load(f)
+    assert report["final"] == load_run(out, "split", "gr")["final"]
+    assert report["judge_test_acc"] > 80.0
+    assert [row["task"] for row in report["after_task"]] == ["0-1", "2-3", "4-5", "6-7", "8-9"]
+    for row in report["after_task"]:
+        assert sum(row["judge_digits"]) == 300 and 0.0 <= row["clear_share"] <= 1.0
+
+
 @pytest.mark.parametrize("exp,n_results", [("chain", 5), ("permuted", 3)])
 def test_mnist_experiments_end_to_end(tmp_path, exp, n_results):
     require_mnist()

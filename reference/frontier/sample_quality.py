@@ -1,0 +1,130 @@
+"""What limits GR on split MNIST: how good the generator's samples are after each task.
+
+One GR run of dgr.py (its options, e.g. --preset fast --budget ...), and after each task an independent
+judge, a small CNN trained here on all of MNIST (its test accuracy is printed), looks at N samples of the
+scholar's generator, the ones the next task replays:
+  - which digits they are (a histogram by the judge's label; balance over the classes seen so far),
+  - how many are clear digits (judge's confidence > 0.9),
+  - how often the scholar's own solver, whose labels the next solver learns, names the judge's digit,
+    on all samples and on the clear ones.
+The hook restores the random stream, so the run's accuracies are those of the same run without it.
+
+  python reference/frontier/sample_quality.py --preset fast --out reference/frontier/sample-quality
+  python reference/frontier/sample_quality.py --preset paper --budget solver_schedule=cosine --graphs on
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import dgr  # noqa: E402
+
+CLEAR = 0.9   # the judge's confidence above which a sample counts as a clear digit
+
+
+def train_judge(data, device, steps: int = 1500, seed: int = 123) -> tuple[nn.Module, float]:
+    """A CNN (conv 16-32, fc 128) trained on all MNIST classes; its test accuracy (%)."""
+    x_train, y_train, x_test, y_test = data
+    torch.manual_seed(seed)
+    judge = nn.Sequential(nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10)).to(device)
+    opt = torch.optim.Adam(judge.parameters(), 1e-3)
+    for _ in range(steps):
+        idx = torch.randint(len(x_train), (128,), device=device)
+        loss = F.cross_entropy(judge(x_train[idx]), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    judge.eval().requires_grad_(False)
+    with torch.no_grad():
+        correct = sum(int((judge(x).argmax(1) == y).sum()) for x, y in zip(x_test.split(2000), y_test.split(2000)))
+    return judge, 100.0 * correct / len(y_test)
+
+
+@torch.no_grad()
+def judge_samples(scholar: dgr.Scholar, judge: nn.Module, n: int, seen: int) -> dict:
+    """The judge's view of n samples of the scholar's generator; `seen`: classes 0..seen-1 learnt so far."""
+    x = scholar.sample(n)
+    confidence, digit = judge(x).softmax(1).max(1)
+    named = scholar.label(x)
+    clear = confidence > CLEAR
+    hist = torch.bincount(digit, minlength=10)
+    confusion = torch.zeros(10, 10, dtype=torch.long, device=x.device)
+    confusion.index_put_((digit, named), torch.ones_like(digit), accumulate=True)
+    off = sorted(((int(confusion[i, j]), i, j) for i in range(10) for j in range(10) if i != j), reverse=True)
+    return {"judge_digits": hist.tolist(),
+            "seen_classes_min_max": [int(hist[:seen].min()), int(hist[:seen].max())],
+            "unseen_share": round(float(hist[seen:].sum()) / n, 4),
+            "clear_share": round(float(clear.float().mean()), 4),
+            "solver_agrees": round(float((named == digit).float().mean()), 4),
+            "solver_agrees_on_clear": round(float((named == digit)[clear].float().mean()), 4) if clear.any()
+                                      else None,
+            "top_confusions": [f"{i}->{j}: {c}" for c, i, j in off[:5]]}
+
+
+def main() -> int:
+    own = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog="every other option is dgr.py's (python dgr.py --help); "
+                                         "--exp is split, --variants gr")
+    own.add_argument("--samples", type=int, default=5000, help="generator samples judged after each task")
+    own.add_argument("--seed", type=int, default=0, help="the run's seed")
+    own.add_argument("--judge-steps", type=int, default=1500, help="training steps of the judge (batch 128)")
+    mine, rest = own.parse_known_args()
+    try:
+        args = dgr.parse_args(["--exp", "split", "--variants", "gr", *rest])
+        device = dgr.configure(args)
+    except dgr.UsageError as e:
+        print(f"sample_quality.py: error: {e}", file=sys.stderr)
+        return 2
+    b = dgr.budget_for(args, "split")
+    try:
+        data = dgr.load_data("split", args, device)
+    except FileNotFoundError as e:   # MNIST missing and not downloadable
+        print(f"sample_quality.py: error: {e}", file=sys.stderr)
+        return 2
+    judge, judge_acc = train_judge(data["mnist"], device, mine.judge_steps)
+    print(f"judge: CNN, test accuracy {judge_acc:.2f} %", flush=True)
+    rows = []
+
+    def on_step(run, task, phase, step, info):   # at a task's end, run.stage counts the tasks learnt
+        if "acc" in info:   # an evaluation point: a progress line
+            print(f"task {task.name} solver step {step}: accuracy {' '.join(f'{a:.1f}' for a in info['acc'])} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+        if phase != "end":
+            return
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+        row = {"task": task.name, "acc": [round(a, 2) for a in run.acc_after[-1]],
+               **judge_samples(run.scholar, judge, mine.samples, 2 * run.stage)}
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state_all(rng[1])
+        rows.append(row)
+        on_clear = "-" if row["solver_agrees_on_clear"] is None else f"{100 * row['solver_agrees_on_clear']:.1f}"
+        print(f"after {row['task']}: accuracy {' '.join(f'{a:.1f}' for a in row['acc'][:run.stage])} | "
+              f"judge's digits {row['judge_digits']} | clear {100 * row['clear_share']:.1f} % | solver agrees "
+              f"{100 * row['solver_agrees']:.1f} %, on clear {on_clear} % | "
+              f"{', '.join(row['top_confusions'][:3])}", flush=True)
+
+    started = time.time()
+    result = dgr.run_one("split", "gr", mine.seed, args, data, b, on_step=on_step)
+    wall = time.time() - started
+    print(f"final average {result['final']['avg']:.2f} % in {wall:.0f} s (the judge's looks included)", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    out = os.path.join(args.out, f"sample_quality_seed{mine.seed}.json")
+    dgr.write_json(out, {"final": result["final"], "after_task": rows, "judge_test_acc": judge_acc,
+                         "samples": mine.samples, "clear_above": CLEAR, "seed": mine.seed,
+                         "wall_time_s": round(wall, 2), "machine": dgr.machine_name(device),
+                         "budget": dataclasses.asdict(b)})
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
