@@ -107,6 +107,7 @@ class Budget:
     critic_lr: float = 0.0        # Adam(0.5, 0.9) for the critic (0: gen_lr; another value is the TTUR)
     solver_lr: float = 1e-3       # Adam(0.9, 0.999) for the solver
     solver_schedule: str = "constant"   # solver lr within each task: constant, or cosine (decays to 0)
+    gan_schedule: str = "constant"      # generator and critic lr within each task: constant, or cosine
     ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, README)
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
@@ -147,7 +148,8 @@ QUICK["split"] = Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters": 200
 for _exp in ("mnist-svhn", "svhn-mnist"):
     QUICK[_exp] = Budget(**{**QUICK_COMMON, "sample_at": (10, 20, 40, 60)})
 PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
-BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine")}
+BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
+                  "gan_schedule": ("constant", "cosine")}
 
 
 def budget_overrides(text: str) -> dict:
@@ -621,7 +623,7 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
     solver = graphed(lambda: solver_step(s, opts["solver"], task, replay, r, b.batch), device, replay.source != "stored")
     for step in range(start + 1, b.solver_iters + 1):
         if b.solver_schedule == "cosine":
-            set_lr(opts["solver"], b.solver_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / b.solver_iters)))
+            set_lr(opts["solver"], b.solver_lr * cosine(step, b.solver_iters))
         callback("solver", step, {"solver": solver()})
     if not train_generator or s.generator is None:
         return
@@ -632,7 +634,15 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         return {"critic": critic_loss, "generator": generator_step(s, opts["generator"], b.gen_batch)}
     gan_step = graphed(gan_step, device)
     for step in range(max(0, start - b.solver_iters) + 1, b.gen_iters + 1):
+        if b.gan_schedule == "cosine":
+            set_lr(opts["generator"], b.gen_lr * cosine(step, b.gen_iters))
+            set_lr(opts["critic"], (b.critic_lr or b.gen_lr) * cosine(step, b.gen_iters))
         callback("generator", step, gan_step())
+
+
+def cosine(step: int, steps: int) -> float:
+    """The lr factor of step `step` (from 1) of `steps`: a half cosine from 1 down towards 0."""
+    return 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
 
 
 def warm_up_head(s: Scholar, task: Task, b: Budget, callback=lambda phase, step, losses: None) -> None:

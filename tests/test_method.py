@@ -211,6 +211,32 @@ def test_solver_adam_restarts_on_each_task(tmp_path, monkeypatch):
     assert first == {"perm1": {1.0}, "perm2": {1.0}, "perm3": {1.0}}
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_lr_schedules_hold_within_each_task(mnist, monkeypatch, schedule):
+    """solver_schedule and gan_schedule: each step's lr is the base lr times a half cosine over the task's
+    steps (1 at its first step, near 0 at its last), restarting with each task; constant keeps it."""
+    b = dgr.Budget(solver_iters=6, gen_iters=4, n_critic=2, batch=16, gen_batch=8, gan="mlp", width=8, hidden=16,
+                   gen_lr=2e-4, critic_lr=4e-4, solver_lr=3e-4, solver_schedule=schedule, gan_schedule=schedule)
+    tasks = dgr.split_tasks(mnist, dataclasses_replace(b, train_limit=200, test_limit=50), seed=0)[:2]
+    seen = {"solver": [], "critic": [], "generator": []}
+    lr = lambda opt: float(opt.param_groups[0]["lr"])
+    spy(monkeypatch, dgr, "solver_step", None, lambda a: seen["solver"].append(lr(a["opt"])))
+    spy(monkeypatch, dgr, "critic_step", None, lambda a: seen["critic"].append(lr(a["opt"])))
+    spy(monkeypatch, dgr, "generator_step", None, lambda a: seen["generator"].append(lr(a["opt"])))
+    s = dgr.Scholar((1, 28, 28), b)
+    opts = s.optimizers(b)
+    for i, task in enumerate(tasks):
+        replay = dgr.make_replay(dgr.VARIANTS["gr"], "split", dgr.Args(), s.frozen_copy() if i else None, [], 0, None)
+        dgr.train_task(s, opts, task, replay, 1.0 / (i + 1), b)
+    factor = (lambda k, n: dgr.cosine(k, n)) if schedule == "cosine" else (lambda k, n: 1.0)
+    per_task = lambda lr0, n, repeat=1: [lr0 * factor(k, n) for k in range(1, n + 1) for _ in range(repeat)] * 2
+    assert seen["solver"] == pytest.approx(per_task(3e-4, 6))
+    assert seen["critic"] == pytest.approx(per_task(4e-4, 4, repeat=2))
+    assert seen["generator"] == pytest.approx(per_task(2e-4, 4))
+    if schedule == "cosine":
+        assert seen["solver"][0] == pytest.approx(3e-4) and seen["solver"][5] < 0.1 * 3e-4
+
+
 def test_summary_is_mean_and_sd_over_seeds(tmp_path):
     finals = [[90.0, 80.0], [92.5, 81.0], [91.0, 86.0]]
     for seed, acc in enumerate(finals):
