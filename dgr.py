@@ -635,8 +635,9 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
     gan_step = graphed(gan_step, device)
     for step in range(max(0, start - b.solver_iters) + 1, b.gen_iters + 1):
         if b.gan_schedule == "cosine":
-            set_lr(opts["generator"], b.gen_lr * cosine(step, b.gen_iters))
-            set_lr(opts["critic"], (b.critic_lr or b.gen_lr) * cosine(step, b.gen_iters))
+            factor = cosine(step, b.gen_iters)
+            set_lr(opts["generator"], b.gen_lr * factor)
+            set_lr(opts["critic"], (b.critic_lr or b.gen_lr) * factor)
         callback("generator", step, gan_step())
 
 

@@ -9,7 +9,7 @@ scholar's generator, the ones the next task replays:
     on all samples and on the clear ones.
 The hook restores the random stream, so the run's accuracies are those of the same run without it.
 
-  python reference/frontier/sample_quality.py --preset fast --out reference/frontier/sample-quality
+  python reference/frontier/sample_quality.py --preset fast --out reference/frontier/sample-quality/fast
   python reference/frontier/sample_quality.py --preset paper --budget solver_schedule=cosine --graphs on
 """
 import argparse
@@ -80,15 +80,11 @@ def main() -> int:
     try:
         args = dgr.parse_args(["--exp", "split", "--variants", "gr", *rest])
         device = dgr.configure(args)
-    except dgr.UsageError as e:
+        data = dgr.load_data("split", args, device)
+    except (dgr.UsageError, FileNotFoundError) as e:   # a bad option; MNIST missing and not downloadable
         print(f"sample_quality.py: error: {e}", file=sys.stderr)
         return 2
     b = dgr.budget_for(args, "split")
-    try:
-        data = dgr.load_data("split", args, device)
-    except FileNotFoundError as e:   # MNIST missing and not downloadable
-        print(f"sample_quality.py: error: {e}", file=sys.stderr)
-        return 2
     judge, judge_acc = train_judge(data["mnist"], device, mine.judge_steps)
     print(f"judge: CNN, test accuracy {judge_acc:.2f} %", flush=True)
     rows = []
@@ -99,12 +95,9 @@ def main() -> int:
                   f"({time.time() - started:.0f} s)", flush=True)
         if phase != "end":
             return
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
-        row = {"task": task.name, "acc": [round(a, 2) for a in run.acc_after[-1]],
-               **judge_samples(run.scholar, judge, mine.samples, 2 * run.stage)}
-        torch.set_rng_state(rng[0])
-        if rng[1] is not None:
-            torch.cuda.set_rng_state_all(rng[1])
+        with torch.random.fork_rng():   # the run's random stream goes on as if the judge had not looked
+            row = {"task": task.name, "acc": [round(a, 2) for a in run.acc_after[-1]],
+                   **judge_samples(run.scholar, judge, mine.samples, 2 * run.stage)}
         rows.append(row)
         on_clear = "-" if row["solver_agrees_on_clear"] is None else f"{100 * row['solver_agrees_on_clear']:.1f}"
         print(f"after {row['task']}: accuracy {' '.join(f'{a:.1f}' for a in row['acc'][:run.stage])} | "
