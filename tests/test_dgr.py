@@ -85,6 +85,36 @@ def test_sample_quality_judges_the_run_without_changing_it(split_run, tmp_path):
         assert sum(row["judge_digits"]) == 300 and 0.0 <= row["clear_share"] <= 1.0
 
 
+def test_sample_quality_oracle_labels_replay_with_the_judge(split_run, tmp_path):
+    """--labels judge: the replayed samples get the judge's digit among the classes learnt before the task
+    (hard), or its softmax over them (soft), and the run learns from those instead of the old solver's."""
+    sys.path.insert(0, os.path.join(ROOT, "reference", "frontier"))
+    try:
+        import sample_quality
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    old = dgr.Scholar((1, 28, 28), dgr.Budget(gan="mlp", width=8, hidden=16)).frozen_copy()
+    judge = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    oracle = sample_quality.JudgeLabels(old, judge, seen=4)
+    x = old.sample(64)
+    assert torch.equal(oracle.label(x), judge(x)[:, :4].argmax(1))
+    soft = oracle.label(x, soft=True, temperature=2.0)
+    torch.testing.assert_close(soft[:, :4], (judge(x)[:, :4] / 2).softmax(1))
+    assert soft.shape == (64, 10) and not soft[:, 4:].any()
+    assert oracle.solver is old.solver
+
+    out, _ = split_run
+    proc = run_dgr("--preset", "quick", "--labels", "judge", "--samples", "300", "--judge-steps", "100",
+                   "--out", str(tmp_path), script=os.path.join("reference", "frontier", "sample_quality.py"))
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "sample_quality_seed0.json") as f:
+        report = json.load(f)
+    gr = load_run(out, "split", "gr")["final"]
+    assert report["labels"] == "judge"
+    assert report["final"]["acc"][1:] != gr["acc"][1:]   # other targets on tasks 2-5: another run
+
+
 @pytest.mark.parametrize("exp,n_results", [("chain", 5), ("permuted", 3)])
 def test_mnist_experiments_end_to_end(tmp_path, exp, n_results):
     require_mnist()

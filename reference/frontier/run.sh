@@ -34,6 +34,9 @@ declare -A POINTS=(
   # the fast point with a GAN trained twice as long, or twice as wide
   [mlp128-g3000-c3-s1000-lr3e-4-cos]="gan=mlp,width=128,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine"
   [mlp256-g1500-c3-s1000-lr3e-4-cos]="gan=mlp,width=256,gen_iters=1500,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine"
+  # the fast point with a regularised solver: dropout, or a wider solver with more dropout
+  [mlp128-g1500-c3-s1000-lr3e-4-cos-drop0.2]="gan=mlp,width=128,gen_iters=1500,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine,dropout=0.2"
+  [mlp128-g1500-c3-s1000-lr3e-4-cos-h1000-drop0.3]="gan=mlp,width=128,gen_iters=1500,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=1000,solver_lr=3e-4,solver_schedule=cosine,hidden=1000,dropout=0.3"
   # permuted MNIST, 10 tasks. The point permuted-mlp128-g800-s5000 (the former fast budget) is not run here:
   # it is the GR run of reproduce.sh at commit a449b76 (then in reference/fast/reproduce/permuted), copied; its --preset is fast.
   [permuted-mlp256-g3000-s2500]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
@@ -62,7 +65,8 @@ EXPS = {"split": ("frontier.png", "split MNIST, class-incremental", 92, 90.79, (
 # points that ran side by side (OMP_NUM_THREADS=1 each): their wall times are not those of a run alone
 SHARED = {"permuted-mlp256-g3000-s5000", "permuted-mlp256-g3000-s2500-distill", "mlp128-g1500-c3-s2000-lr1e-3",
           "mlp128-g1500-c3-s2000-lr1e-3-cos", "mlp128-g1500-c3-s2000-lr3e-4-cos",
-          "mlp128-g3000-c3-s1000-lr3e-4-cos", "mlp256-g1500-c3-s1000-lr3e-4-cos"}
+          "mlp128-g3000-c3-s1000-lr3e-4-cos", "mlp256-g1500-c3-s1000-lr3e-4-cos",
+          "mlp128-g1500-c3-s1000-lr3e-4-cos-drop0.2", "mlp128-g1500-c3-s1000-lr3e-4-cos-h1000-drop0.3"}
 points = []
 for path in sorted(glob.glob("reference/frontier/*/*/gr*_seed0.json")):
     res = json.load(open(path))

@@ -8,6 +8,8 @@ scholar's generator, the ones the next task replays:
   - how often the scholar's own solver, whose labels the next solver learns, names the judge's digit,
     on all samples and on the clear ones.
 The hook restores the random stream, so the run's accuracies are those of the same run without it.
+With --labels judge the replayed samples are labelled by the judge instead of the old solver (its digit
+among the classes learnt so far): an oracle labelling that splits GR's loss between its inputs and its labels.
 
   python reference/frontier/sample_quality.py --preset fast --out reference/frontier/sample-quality/fast
   python reference/frontier/sample_quality.py --preset paper --budget solver_schedule=cosine --graphs on
@@ -69,6 +71,22 @@ def judge_samples(scholar: dgr.Scholar, judge: nn.Module, n: int, seen: int) -> 
             "top_confusions": [f"{i}->{j}: {c}" for c, i, j in off[:5]]}
 
 
+class JudgeLabels:
+    """The old scholar, but its replayed samples get the judge's digit among the `seen` classes learnt so far
+    instead of its solver's label (an oracle labelling; soft targets: the judge's softmax over those)."""
+
+    def __init__(self, old: dgr.Scholar, judge: nn.Module, seen: int):
+        self.old, self.judge, self.seen = old, judge, seen
+
+    def __getattr__(self, name):   # sample(), solver, ...: the old scholar's
+        return getattr(self.old, name)
+
+    @torch.no_grad()
+    def label(self, x: torch.Tensor, head: int = 0, soft: bool = False, temperature: float = 1.0) -> torch.Tensor:
+        logits = self.judge(x)[:, :self.seen]
+        return F.pad((logits / temperature).softmax(1), (0, 10 - self.seen)) if soft else logits.argmax(1)
+
+
 def main() -> int:
     own = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog="every other option is dgr.py's (python dgr.py --help); "
@@ -76,6 +94,8 @@ def main() -> int:
     own.add_argument("--samples", type=int, default=5000, help="generator samples judged after each task")
     own.add_argument("--seed", type=int, default=0, help="the run's seed")
     own.add_argument("--judge-steps", type=int, default=1500, help="training steps of the judge (batch 128)")
+    own.add_argument("--labels", choices=("solver", "judge"), default="solver",
+                     help="who labels the replayed samples: the old solver (GR) or the judge (an oracle)")
     mine, rest = own.parse_known_args()
     try:
         args = dgr.parse_args(["--exp", "split", "--variants", "gr", *rest])
@@ -88,6 +108,15 @@ def main() -> int:
     judge, judge_acc = train_judge(data["mnist"], device, mine.judge_steps)
     print(f"judge: CNN, test accuracy {judge_acc:.2f} %", flush=True)
     rows = []
+    if mine.labels == "judge":   # each task's replay labelled by the judge, among the classes of the tasks before
+        make_replay = dgr.make_replay
+
+        def judged_replay(v, exp, args, old, pool, head, ewc):
+            replay = make_replay(v, exp, args, old, pool, head, ewc)
+            if replay.old is not None:
+                replay.old = JudgeLabels(replay.old, judge, 2 * len(pool))
+            return replay
+        dgr.make_replay = judged_replay
 
     def on_step(run, task, phase, step, info):   # at a task's end, run.stage counts the tasks learnt
         if "acc" in info:   # an evaluation point: a progress line
@@ -112,7 +141,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, f"sample_quality_seed{mine.seed}.json")
     dgr.write_json(out, {"final": result["final"], "after_task": rows, "judge_test_acc": judge_acc,
-                         "samples": mine.samples, "clear_above": CLEAR, "seed": mine.seed,
+                         "samples": mine.samples, "clear_above": CLEAR, "seed": mine.seed, "labels": mine.labels,
                          "wall_time_s": round(wall, 2), "machine": dgr.machine_name(device),
                          "budget": dataclasses.asdict(b)})
     print(f"-> {out}")
