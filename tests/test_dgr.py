@@ -87,7 +87,8 @@ def test_sample_quality_judges_the_run_without_changing_it(split_run, tmp_path):
 
 def test_sample_quality_oracle_labels_replay_with_the_judge(split_run, tmp_path):
     """--labels judge: the replayed samples get the judge's digit among the classes learnt before the task
-    (hard), or its softmax over them (soft), and the run learns from those instead of the old solver's."""
+    (hard), or its softmax over them (soft), and the run learns from those instead of the old solver's.
+    --clear-only: only samples the judge (or the old solver) reads as a clear digit are replayed."""
     sys.path.insert(0, os.path.join(ROOT, "reference", "frontier"))
     try:
         import sample_quality
@@ -103,6 +104,14 @@ def test_sample_quality_oracle_labels_replay_with_the_judge(split_run, tmp_path)
     torch.testing.assert_close(soft[:, :4], (judge(x)[:, :4] / 2).softmax(1))
     assert soft.shape == (64, 10) and not soft[:, 4:].any()
     assert oracle.solver is old.solver
+    with torch.no_grad():
+        judge[1].weight.mul_(50)                # a judge sure of most samples
+        old.solver.heads[0].weight.mul_(50)     # and an old solver too
+    for by in ("judge", "solver"):
+        x = sample_quality.ClearOnly(old, judge, seen=4, by=by).sample(64)
+        probs = (judge if by == "judge" else old.solver)(x).softmax(1)
+        assert len(x) == 64 and (probs.max(1).values > sample_quality.CLEAR).all()
+        assert by == "solver" or (probs.argmax(1) < 4).all()
 
     out, _ = split_run
     proc = run_dgr("--preset", "quick", "--labels", "judge", "--samples", "300", "--judge-steps", "100",

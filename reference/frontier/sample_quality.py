@@ -87,6 +87,33 @@ class JudgeLabels:
         return F.pad((logits / temperature).softmax(1), (0, 10 - self.seen)) if soft else logits.argmax(1)
 
 
+class ClearOnly:
+    """The old scholar, but it replays only samples its `judge` or its solver (`by`) reads as a clear digit
+    (probability above CLEAR; the judge's digit also among the `seen` classes learnt so far)."""
+
+    def __init__(self, old: dgr.Scholar, judge: nn.Module, seen: int, by: str):
+        self.old, self.judge, self.seen, self.by = old, judge, seen, by
+
+    def __getattr__(self, name):   # label(), solver, ...: the old scholar's
+        return getattr(self.old, name)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        kept, have = [], 0
+        for _ in range(20):   # at most 20 draws of n, then whatever the last draw gave fills the rest
+            x = self.old.sample(n)
+            if self.by == "judge":
+                confidence, digit = self.judge(x).softmax(1).max(1)
+                clear = (confidence > CLEAR) & (digit < self.seen)
+            else:
+                clear = self.old.solver(x).softmax(1).max(1).values > CLEAR
+            kept.append(x[clear])
+            have += int(clear.sum())
+            if have >= n:
+                break
+        return torch.cat(kept + [x])[:n]
+
+
 def main() -> int:
     own = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog="every other option is dgr.py's (python dgr.py --help); "
@@ -96,6 +123,9 @@ def main() -> int:
     own.add_argument("--judge-steps", type=int, default=1500, help="training steps of the judge (batch 128)")
     own.add_argument("--labels", choices=("solver", "judge"), default="solver",
                      help="who labels the replayed samples: the old solver (GR) or the judge (an oracle)")
+    own.add_argument("--clear-only", choices=("no", "judge", "solver"), default="no",
+                     help="replay (to the solver and the generator) only samples the judge or the old solver "
+                          f"reads as a clear digit (p > {CLEAR})")
     mine, rest = own.parse_known_args()
     try:
         args = dgr.parse_args(["--exp", "split", "--variants", "gr", *rest])
@@ -108,12 +138,14 @@ def main() -> int:
     judge, judge_acc = train_judge(data["mnist"], device, mine.judge_steps)
     print(f"judge: CNN, test accuracy {judge_acc:.2f} %", flush=True)
     rows = []
-    if mine.labels == "judge":   # each task's replay labelled by the judge, among the classes of the tasks before
+    if mine.labels == "judge" or mine.clear_only != "no":   # each task's replay changed as asked
         make_replay = dgr.make_replay
 
         def judged_replay(v, exp, args, old, pool, head, ewc):
             replay = make_replay(v, exp, args, old, pool, head, ewc)
-            if replay.old is not None:
+            if replay.old is not None and mine.clear_only != "no":
+                replay.old = ClearOnly(replay.old, judge, 2 * len(pool), mine.clear_only)
+            if replay.old is not None and mine.labels == "judge":
                 replay.old = JudgeLabels(replay.old, judge, 2 * len(pool))
             return replay
         dgr.make_replay = judged_replay
@@ -142,6 +174,7 @@ def main() -> int:
     out = os.path.join(args.out, f"sample_quality_seed{mine.seed}.json")
     dgr.write_json(out, {"final": result["final"], "after_task": rows, "judge_test_acc": judge_acc,
                          "samples": mine.samples, "clear_above": CLEAR, "seed": mine.seed, "labels": mine.labels,
+                         "clear_only": mine.clear_only,
                          "wall_time_s": round(wall, 2), "machine": dgr.machine_name(device),
                          "budget": dataclasses.asdict(b)})
     print(f"-> {out}")
