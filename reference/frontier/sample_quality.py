@@ -10,6 +10,8 @@ scholar's generator, the ones the next task replays:
 The hook restores the random stream, so the run's accuracies are those of the same run without it.
 With --labels judge the replayed samples are labelled by the judge instead of the old solver (its digit
 among the classes learnt so far): an oracle labelling that splits GR's loss between its inputs and its labels.
+With --clear-only judge (or solver) only the samples the judge (or the old solver) reads as a clear digit
+are replayed, to the solver and to the next generator.
 
   python reference/frontier/sample_quality.py --preset fast --out reference/frontier/sample-quality/fast
   python reference/frontier/sample_quality.py --preset paper --budget solver_schedule=cosine --graphs on
@@ -111,7 +113,7 @@ class ClearOnly:
             have += int(clear.sum())
             if have >= n:
                 break
-        return torch.cat(kept + [x])[:n]
+        return torch.cat(kept + [x[~clear]])[:n]
 
 
 def main() -> int:
@@ -129,6 +131,8 @@ def main() -> int:
     mine, rest = own.parse_known_args()
     try:
         args = dgr.parse_args(["--exp", "split", "--variants", "gr", *rest])
+        if mine.clear_only != "no" and args.graphs == "on":   # its draws depend on the data: no graph capture
+            raise dgr.UsageError("--clear-only runs eager steps: leave --graphs off")
         device = dgr.configure(args)
         data = dgr.load_data("split", args, device)
     except (dgr.UsageError, FileNotFoundError) as e:   # a bad option; MNIST missing and not downloadable
