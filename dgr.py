@@ -111,6 +111,10 @@ class Budget:
     ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, README)
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
+    @property
+    def effective_critic_lr(self) -> float:
+        return self.critic_lr or self.gen_lr
+
 
 # Sources are in the README: WGAN-GP (Gulrajani et al. 2017) for the critic schedule, kuc2477's
 # pytorch-deep-generative-replay for 3000 generator steps per task, van de Ven et al. for the
@@ -375,7 +379,7 @@ class Scholar(nn.Module):
         opts = {"solver": adam(self.solver, b.solver_lr)}
         if self.generator is not None:
             opts["generator"] = adam(self.generator, b.gen_lr, (0.5, 0.9))
-            opts["critic"] = adam(self.critic, b.critic_lr or b.gen_lr, (0.5, 0.9))
+            opts["critic"] = adam(self.critic, b.effective_critic_lr, (0.5, 0.9))
         return opts
 
     def frozen_copy(self) -> Scholar:
@@ -637,7 +641,7 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         if b.gan_schedule == "cosine":
             factor = cosine(step, b.gen_iters)
             set_lr(opts["generator"], b.gen_lr * factor)
-            set_lr(opts["critic"], (b.critic_lr or b.gen_lr) * factor)
+            set_lr(opts["critic"], b.effective_critic_lr * factor)
         callback("generator", step, gan_step())
 
 

@@ -13,6 +13,7 @@ import dgr
 from conftest import DATA, ROOT, require_mnist, run_dgr
 
 ALL_VARIANTS = ("gr", "er", "noise", "none")
+SAMPLE_QUALITY = os.path.join("reference", "frontier", "sample_quality.py")
 
 
 def load_run(out, exp, variant, seed=0):
@@ -74,7 +75,7 @@ def test_sample_quality_judges_the_run_without_changing_it(split_run, tmp_path):
     stream), with the judge's view of each task's generator samples."""
     out, _ = split_run
     proc = run_dgr("--preset", "quick", "--samples", "300", "--judge-steps", "100", "--out", str(tmp_path),
-                   script=os.path.join("reference", "frontier", "sample_quality.py"))
+                   script=SAMPLE_QUALITY)
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "sample_quality_seed0.json") as f:
         report = json.load(f)
@@ -89,7 +90,7 @@ def test_sample_quality_oracle_labels_replay_with_the_judge(split_run, tmp_path)
     """--labels judge: the replayed samples get the judge's digit among the classes learnt before the task
     (hard), or its softmax over them (soft), and the run learns from those instead of the old solver's.
     --clear-only: only samples the judge (or the old solver) reads as a clear digit are replayed."""
-    sys.path.insert(0, os.path.join(ROOT, "reference", "frontier"))
+    sys.path.insert(0, os.path.join(ROOT, os.path.dirname(SAMPLE_QUALITY)))
     try:
         import sample_quality
     finally:
@@ -115,7 +116,7 @@ def test_sample_quality_oracle_labels_replay_with_the_judge(split_run, tmp_path)
 
     out, _ = split_run
     proc = run_dgr("--preset", "quick", "--labels", "judge", "--samples", "300", "--judge-steps", "100",
-                   "--out", str(tmp_path), script=os.path.join("reference", "frontier", "sample_quality.py"))
+                   "--out", str(tmp_path), script=SAMPLE_QUALITY)
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "sample_quality_seed0.json") as f:
         report = json.load(f)

@@ -52,13 +52,18 @@ def train_judge(data, device, steps: int = 1500, seed: int = 123) -> tuple[nn.Mo
     return judge, 100.0 * correct / len(y_test)
 
 
+def judge_reads(judge: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The judge's digit for each sample, and whether it reads it as a clear digit (p > CLEAR)."""
+    confidence, digit = judge(x).softmax(1).max(1)
+    return digit, confidence > CLEAR
+
+
 @torch.no_grad()
 def judge_samples(scholar: dgr.Scholar, judge: nn.Module, n: int, seen: int) -> dict:
     """The judge's view of n samples of the scholar's generator; `seen`: classes 0..seen-1 learnt so far."""
     x = scholar.sample(n)
-    confidence, digit = judge(x).softmax(1).max(1)
+    digit, clear = judge_reads(judge, x)
     named = scholar.label(x)
-    clear = confidence > CLEAR
     hist = torch.bincount(digit, minlength=10)
     confusion = torch.zeros(10, 10, dtype=torch.long, device=x.device)
     confusion.index_put_((digit, named), torch.ones_like(digit), accumulate=True)
@@ -105,8 +110,8 @@ class ClearOnly:
         for _ in range(20):   # at most 20 draws of n, then whatever the last draw gave fills the rest
             x = self.old.sample(n)
             if self.by == "judge":
-                confidence, digit = self.judge(x).softmax(1).max(1)
-                clear = (confidence > CLEAR) & (digit < self.seen)
+                digit, clear = judge_reads(self.judge, x)
+                clear &= digit < self.seen
             else:
                 clear = self.old.solver(x).softmax(1).max(1).values > CLEAR
             kept.append(x[clear])
