@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The accuracy-vs-compute frontier of GR on a CPU, seed 0: split MNIST (class-incremental), and permuted
-# MNIST (points named permuted-*).
+# MNIST (points named permuted-*), and chain (chain-*: each link's accuracy).
 #   bash reference/frontier/run.sh [NAME ...]   # the points named (default: all), one after another
 # Each point is one dgr.py run (paper preset plus --budget overrides) into reference/frontier/NAME/;
 # a finished point is kept (--resume). Run it on an otherwise idle machine: the wall times are the x axis.
-# Then frontier.json (all points) and one figure per experiment (frontier.png: split; frontier_permuted.png)
-# are made from the points' results.
+# Then frontier.json (all points) and one figure per experiment (frontier.png: split; frontier_permuted.png;
+# chain's points, one accuracy per link, are in frontier.json and the README only) are made from the points' results.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 declare -A POINTS=(
@@ -42,13 +42,19 @@ declare -A POINTS=(
   [permuted-mlp256-g3000-s2500]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
   [permuted-mlp256-g3000-s5000]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
   [permuted-mlp256-g3000-s2500-distill]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
+  # chain (Table 1), 5 links: the fast preset's GAN (width 256, 3000 steps) twice as wide, or trained twice as long.
+  # The point chain-mlp256-g3000 (the fast budget) is not run here: it is the GR run of reproduce.sh at commit 59324be
+  # (reference/fast/chain/gr_seed0.json, one thread beside another run), copied; its --preset is fast.
+  [chain-mlp512-g3000]="gan=mlp,width=512,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
+  [chain-mlp256-g6000]="gan=mlp,width=256,gen_iters=6000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
+  [chain-mlp512-g3000-distill]="gan=mlp,width=512,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
 )
 # the variant of each point: gr unless named here (gr+distill: soft targets at T = 2)
 declare -A VARIANT=([mlp128-g800-c3-s1000-distill]="gr+distill" [mlp128-g800-c3-s1000-lr3e-4-cos-distill]="gr+distill"
-  [permuted-mlp256-g3000-s2500-distill]="gr+distill")
+  [permuted-mlp256-g3000-s2500-distill]="gr+distill" [chain-mlp512-g3000-distill]="gr+distill")
 names=("$@"); (( ${#names[@]} )) || names=($(printf '%s\n' "${!POINTS[@]}" | sort))
 for name in "${names[@]}"; do
-  exp=split; [[ $name == permuted-* ]] && exp=permuted
+  exp=split; [[ $name == permuted-* ]] && exp=permuted; [[ $name == chain-* ]] && exp=chain
   echo "== $name: ${POINTS[$name]} (load before: $(cut -d' ' -f1-3 /proc/loadavg)) =="
   python dgr.py --exp "$exp" --variants "${VARIANT[$name]:-gr}" --preset paper --budget "${POINTS[$name]}" \
     --out "reference/frontier/$name" --resume
@@ -66,7 +72,8 @@ EXPS = {"split": ("frontier.png", "split MNIST, class-incremental", 92, 90.79, (
 SHARED = {"permuted-mlp256-g3000-s5000", "permuted-mlp256-g3000-s2500-distill", "mlp128-g1500-c3-s2000-lr1e-3",
           "mlp128-g1500-c3-s2000-lr1e-3-cos", "mlp128-g1500-c3-s2000-lr3e-4-cos",
           "mlp128-g3000-c3-s1000-lr3e-4-cos", "mlp256-g1500-c3-s1000-lr3e-4-cos",
-          "mlp128-g1500-c3-s1000-lr3e-4-cos-drop0.2", "mlp128-g1500-c3-s1000-lr3e-4-cos-h1000-drop0.3"}
+          "mlp128-g1500-c3-s1000-lr3e-4-cos-drop0.2", "mlp128-g1500-c3-s1000-lr3e-4-cos-h1000-drop0.3",
+          "chain-mlp256-g3000", "chain-mlp256-g6000", "chain-mlp512-g3000"}
 points = []
 for path in sorted(glob.glob("reference/frontier/*/*/gr*_seed0.json")):
     res = json.load(open(path))
