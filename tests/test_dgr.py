@@ -14,6 +14,7 @@ from conftest import DATA, ROOT, require_mnist, run_dgr
 
 ALL_VARIANTS = ("gr", "er", "noise", "none")
 SAMPLE_QUALITY = os.path.join("reference", "frontier", "sample_quality.py")
+CHAIN_LINKS = os.path.join("reference", "frontier", "chain_links.py")
 
 
 def load_run(out, exp, variant, seed=0):
@@ -152,6 +153,38 @@ def test_svhn_experiments_end_to_end(tmp_path, svhn_data_dir, exp):
     else:
         assert load_run(str(tmp_path), exp, "none")["name"] == "LwF"
         assert "head warm-up" in proc.stdout
+
+
+def test_chain_links_replays_the_first_generator(tmp_path):
+    """reference/frontier/chain_links.py --generator first: links 2-5 replay link 1's generator (not the
+    previous link's) and train no generator of their own; the run goes end to end."""
+    sys.path.insert(0, os.path.join(ROOT, os.path.dirname(CHAIN_LINKS)))
+    try:
+        import chain_links
+    finally:
+        sys.path.pop(0)
+    make_replay, run_plan = dgr.make_replay, dgr.run_plan
+    b, gr = dgr.Budget(gan="mlp", width=8, hidden=16), dgr.VARIANTS["gr"]
+    assert sum(map(dgr.trains_generator, run_plan("chain", gr, b))) == 4   # the plain chain: links 1-4
+    try:
+        chain_links.replay_first_generator()
+        args = dgr.parse_args(["--exp", "chain"])
+        link1, link2 = (dgr.Scholar((1, 28, 28), b).frozen_copy() for _ in range(2))
+        assert dgr.make_replay(gr, "chain", args, link1, [], 0, None).old.generator is link1.generator
+        replay = dgr.make_replay(gr, "chain", args, link2, [], 0, None)   # link 3 replays link 1's generator
+        assert replay.old.generator is link1.generator and replay.old.solver is link2.solver
+        assert [dgr.trains_generator(plan) for plan in dgr.run_plan("chain", gr, b)] == [True] + [False] * 4
+    finally:
+        dgr.make_replay, dgr.run_plan = make_replay, run_plan
+
+    proc = run_dgr("--preset", "quick", "--budget", "gan=mlp,width=16", "--gen-iters", "20", "--solver-iters", "40",
+                   "--eval-every", "40", "--out", str(tmp_path), script=CHAIN_LINKS)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "chain_links_gr_first_seed0.json") as f:
+        report = json.load(f)
+    assert report["generators_trained"] == 1 and len(report["acc"]) == 5 and report["acc"][0] > 50
+    bad = run_dgr("--variants", "er", "--out", str(tmp_path), script=CHAIN_LINKS)
+    assert bad.returncode == 2 and bad.stderr.startswith("chain_links.py: error: --variants takes one generative")
 
 
 def test_svhn_loader_reads_mat_format(svhn_data_dir, monkeypatch):
