@@ -11,13 +11,13 @@ loses beyond it is the re-learnt generators' share.
   python reference/frontier/chain_links.py --preset fast --variants gr --out reference/frontier/chain-links
 """
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dgr  # noqa: E402
+from sample_quality import write_report  # noqa: E402  (this script's folder is on sys.path when run)
 
 
 def replay_first_generator() -> None:
@@ -72,11 +72,8 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, f"chain_links_{variant}_{mine.generator}_seed{mine.seed}.json")
     trained = sum(dgr.trains_generator(plan) for plan in dgr.run_plan("chain", dgr.VARIANTS[variant], b))
-    dgr.write_json(out, {"variant": variant, "generator": mine.generator, "seed": mine.seed, "acc": acc,
-                         "generators_trained": trained,
-                         "wall_time_s": round(wall, 2), "machine": dgr.machine_name(device),
-                         "budget": dataclasses.asdict(b)})
-    print(f"-> {out}")
+    write_report(out, {"variant": variant, "generator": mine.generator, "seed": mine.seed, "acc": acc,
+                       "generators_trained": trained}, wall, device, b)
     return 0
 
 

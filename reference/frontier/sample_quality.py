@@ -121,6 +121,13 @@ class ClearOnly:
         return torch.cat(kept + [x[~clear]])[:n]
 
 
+def write_report(out: str, report: dict, wall: float, device, b: dgr.Budget) -> None:
+    """A script's report as JSON at `out`, with the run's wall time, machine and budget."""
+    dgr.write_json(out, {**report, "wall_time_s": round(wall, 2), "machine": dgr.machine_name(device),
+                         "budget": dataclasses.asdict(b)})
+    print(f"-> {out}")
+
+
 def main() -> int:
     own = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                   epilog="every other option is dgr.py's (python dgr.py --help); "
@@ -181,12 +188,9 @@ def main() -> int:
     print(f"final average {result['final']['avg']:.2f} % in {wall:.0f} s (the judge's looks included)", flush=True)
     os.makedirs(args.out, exist_ok=True)
     out = os.path.join(args.out, f"sample_quality_seed{mine.seed}.json")
-    dgr.write_json(out, {"final": result["final"], "after_task": rows, "judge_test_acc": judge_acc,
-                         "samples": mine.samples, "clear_above": CLEAR, "seed": mine.seed, "labels": mine.labels,
-                         "clear_only": mine.clear_only,
-                         "wall_time_s": round(wall, 2), "machine": dgr.machine_name(device),
-                         "budget": dataclasses.asdict(b)})
-    print(f"-> {out}")
+    write_report(out, {"final": result["final"], "after_task": rows, "judge_test_acc": judge_acc,
+                       "samples": mine.samples, "clear_above": CLEAR, "seed": mine.seed, "labels": mine.labels,
+                       "clear_only": mine.clear_only}, wall, device, b)
     return 0
 
 
