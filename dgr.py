@@ -710,7 +710,10 @@ class Run:
     def load_state_dict(self, state: dict) -> None:
         self.scholar.load_state_dict(state["scholar"])
         for k, o in self.opts.items():
-            o.load_state_dict(state["opts"][k])
+            live = [g["lr"] for g in o.param_groups]   # on CUDA a float32 tensor on the device (adam)
+            o.load_state_dict(state["opts"][k])        # which this would swap for the saved one, on the CPU
+            for g, lr in zip(o.param_groups, live):
+                g["lr"] = lr.fill_(float(g["lr"])) if torch.is_tensor(lr) else float(g["lr"])
         self.old = None if state["old"] is None else self.scholar.frozen_copy()
         if self.old is not None:
             self.old.load_state_dict(state["old"])
@@ -942,14 +945,14 @@ GRAPHS = {"on": False}   # --graphs: whole training steps as CUDA graphs (CUDA o
 
 def adam(module: nn.Module, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
     """Adam over a module's parameters. On CUDA the fused kernel (instead of the multi-tensor path's chain
-    of foreach kernels), the same arithmetic with graphs on or off; with graphs on also capturable and
-    with a tensor lr, so that a replayed step reads the lr of the moment (the cosine schedule)."""
+    of foreach kernels) with its lr a float32 tensor on the device (the dtype that kernel reads, whatever
+    the weights' dtype), so that a replayed graph reads the lr of the moment (the cosine schedule) and
+    eager steps do the same arithmetic; capturable with graphs on."""
     p = next(module.parameters())
     if not p.is_cuda:
         return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
-    graphs = GRAPHS["on"]
-    return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=p.device) if graphs else lr, betas=betas,
-                            capturable=graphs, fused=True)
+    return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, dtype=torch.float32, device=p.device),
+                            betas=betas, capturable=GRAPHS["on"], fused=True)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

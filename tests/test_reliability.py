@@ -196,3 +196,24 @@ def test_failed_write_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monk
     assert f"the last checkpoint is {ckpt}" in err
     assert saved_position(ckpt) == "task 1, solver step 10"
     assert not [f for f in os.listdir(ckpt.parent) if f.endswith(".tmp")]
+
+
+def test_a_cuda_checkpoint_resumes_with_the_optimizers_own_lr():
+    """On CUDA dgr.adam's lr is a float32 tensor on the device, and the checkpoint saves it so; loaded
+    (on the CPU, map_location) into a run, each optimizer keeps its own lr, a float here, with the saved
+    value, and steps: torch's load_state_dict alone would put the saved tensor in its place."""
+    import torch
+    b = dgr.Budget(width=4, hidden=8)
+    s = dgr.Scholar((1, 28, 28), b)
+    state = dgr.Run(s, s.optimizers(b)).state_dict()
+    for o in state["opts"].values():
+        for g in o["param_groups"]:
+            g["lr"] = torch.tensor(g["lr"] / 2, dtype=torch.float32)
+    run = dgr.Run(s, s.optimizers(b))
+    run.load_state_dict(state)
+    for k, o in run.opts.items():
+        for g, saved in zip(o.param_groups, state["opts"][k]["param_groups"]):
+            assert type(g["lr"]) is float and g["lr"] == float(saved["lr"])
+    loss = s.solver(torch.zeros(2, 1, 28, 28)).sum()
+    loss.backward()
+    run.opts["solver"].step()
