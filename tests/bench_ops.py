@@ -5,8 +5,8 @@
 Each loss forward + backward runs as the eager reference, torch.compile of the reference (not with
 --quick) and the fused op; each whole step (WGAN-GP critic step at width 64, generator step, solver
 step with GR replay, each with its Adam step as dgr.py builds it) runs with impl torch and impl ext,
-and on CUDA also captured as one CUDA graph (with cuDNN's default algorithms, then with
-cudnn.benchmark), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
+and on CUDA also captured as one CUDA graph (the GAN's convolutions channels_last, as dgr.py has them,
+then NCHW), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
 runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M
 elements, beside a copy of as many bytes. Medians of repeated runs; ratios are eager time / time.
 Prints a Markdown table row by row and writes <out>/bench/bench.json and bench.md after each row.
@@ -162,16 +162,18 @@ def bench_steps(device, batches, reps: int, report) -> None:
                         row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(lambda: run(opts), device, reps)
                     finally:
                         dgr.set_impl("auto")
-                if device.type == "cuda":   # the whole step as one CUDA graph (fused ops), --graphs on; then
-                    try:                        # again with cuDNN's algorithms chosen by timing (benchmark mode)
-                        for key, autotune in (("graphed_ms", False), ("graphed_tuned_ms", True)):
-                            torch.backends.cudnn.benchmark = autotune
+                if device.type == "cuda":   # the whole step as one CUDA graph (fused ops), --graphs on, with the
+                    try:                        # weights channels_last (dgr.py's), then NCHW: on the H100 (2026-11-28)
+                        # 40 % of the critic step's GPU time was one cuDNN kernel reading NHWC into NCHW
+                        # (cudnn.benchmark, timed there too, changed nothing)
+                        for key, layout in (("graphed_ms", torch.channels_last), ("graphed_nchw_ms", torch.contiguous_format)):
+                            s.generator.to(memory_format=layout), s.critic.to(memory_format=layout)
                             graph_opts = with_graphs(True, lambda: s.optimizers(b))
                             graphed = captured(lambda: run(graph_opts), device)
-                            graphed()   # eager warm-up 1 of 3 (cuDNN tunes here); time_ms warms up twice more, captures
+                            graphed()   # eager warm-up 1 of 3; time_ms warms up twice more, captures
                             row[key] = time_ms(graphed, device, reps)
                     finally:
-                        torch.backends.cudnn.benchmark = False
+                        s.generator.to(memory_format=torch.channels_last), s.critic.to(memory_format=torch.channels_last)
                     try:
                         row.update(kernel_profile(lambda: run(opts)))
                     except Exception as e:   # no CUPTI, say: the times above still stand
@@ -208,14 +210,14 @@ def main() -> None:
     os.makedirs(folder, exist_ok=True)
     header = [f"## Benchmark ({dgr.machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
               "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | graphed ms (speed-up) "
-              "| graphed, cudnn.benchmark ms (speed-up) | fused GB/s | kernels, GPU ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| graphed, NCHW ms (speed-up) | fused GB/s | kernels, GPU ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     rows = []
 
     def report(r: dict) -> None:   # each row printed and the files rewritten as soon as it is timed
         cell = lambda key: f"{r[key]:.3f} ({r['eager_ms'] / r[key]:.2f}x)" if key in r else "n/a"
         line = (f"| {r['op']} | {r['shape']} | {r['batch']} | {r['eager_ms']:.3f} | {cell('compiled_ms')} | "
-                f"{cell('fused_ms')} | {cell('graphed_ms')} | {cell('graphed_tuned_ms')} | " + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " | "
+                f"{cell('fused_ms')} | {cell('graphed_ms')} | {cell('graphed_nchw_ms')} | " + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " | "
                 + (f"{r['kernels']:.0f}, {r['kernel_ms']:.3f}" if "kernels" in r else "") + " |")
         print(line, flush=True)
         rows.append((r, line))
