@@ -1041,8 +1041,9 @@ def add_plans(plans) -> dict[str, int]:
 
 
 def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, reps: int = 2) -> dict[str, float]:
-    """Seconds per step of each kind (STEP_KINDS), timed on random inputs of `shape` (after one warm-up
-    step); the random streams of the caller are left as they were."""
+    """Seconds per step of each kind (STEP_KINDS), timed on random inputs of `shape` after warm-up, each
+    step run as train_task runs it (with --graphs on CUDA a replayed graph: eager costs overestimated a
+    graphed paper split run 2.8x on the H100); the random streams of the caller are left as they were."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         s = Scholar(shape, b, n_heads, with_generator=generative).to(device)
         opts = s.optimizers(b)
@@ -1059,8 +1060,11 @@ def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, rep
         if generative:
             steps.update({"generator": lambda: generator_iteration(Replay()), "replay generator": lambda: generator_iteration(replay)})
         costs, sync = {}, (torch.cuda.synchronize if device.type == "cuda" else lambda device: None)
+        warm_ups = 4 if GRAPHS["on"] and device.type == "cuda" else 1   # graphed: 3 eager, then capture + replay
         for kind, step in steps.items():
-            step()
+            step = graphed(step, device)
+            for _ in range(warm_ups):
+                step()
             sync(device)
             t0 = time.perf_counter()
             for _ in range(reps):
