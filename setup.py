@@ -22,11 +22,7 @@ if os.environ.get("DGR_NO_EXTENSION") != "1":
     kind = CUDAExtension if with_cuda else CppExtension
     ext_modules.append(kind(dgr.EXTENSION_NAME, dgr.extension_sources(with_cuda),
                             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]} if with_cuda
-                            else {"cxx": ["-O3"]},
-                            # libstdc++ shared, as PyTorch's: a compiler that links it statically (the lent
-                            # H100's /opt/gcc, 2026-11-28) gives the module its own copy, whose streams drop or
-                            # crash on integers, so every message naming a size segfaulted there
-                            extra_link_args=["-lstdc++"]))
+                            else {"cxx": ["-O3"]}, extra_link_args=dgr.EXTENSION_LINK_ARGS))
 
 setup(name="dgr", version="0.1.0", description="Deep Generative Replay (Shin et al. 2017), one file",
       py_modules=["dgr"], ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})
