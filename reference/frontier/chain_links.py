@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dgr  # noqa: E402
-from sample_quality import write_report  # noqa: E402  (this script's folder is on sys.path when run)
+from sample_quality import prepare, write_report  # noqa: E402  (this script's folder is on sys.path when run)
 
 
 def replay_first_generator() -> None:
@@ -44,17 +44,15 @@ def main() -> int:
                           "the plain chain, each link's generator re-learnt from its predecessor's samples)")
     own.add_argument("--seed", type=int, default=0, help="the run's seed")
     mine, rest = own.parse_known_args()
-    try:
-        args = dgr.parse_args(["--exp", "chain", "--variants", "gr", *rest])
-        variant = args.variants
-        if variant not in dgr.VARIANTS or not dgr.VARIANTS[variant].generative:
-            raise dgr.UsageError(f"--variants takes one generative variant (gr or gr+distill), got {variant}")
-        device = dgr.configure(args)
-        data = dgr.load_data("chain", args, device)
-    except (dgr.UsageError, FileNotFoundError) as e:   # a bad option; MNIST missing and not downloadable
-        print(f"chain_links.py: error: {e}", file=sys.stderr)
+
+    def check(args):
+        if args.variants not in dgr.VARIANTS or not dgr.VARIANTS[args.variants].generative:
+            raise dgr.UsageError(f"--variants takes one generative variant (gr or gr+distill), got {args.variants}")
+    prepared = prepare("chain_links.py", "chain", rest, check)
+    if prepared is None:
         return 2
-    b = dgr.budget_for(args, "chain")
+    args, device, data, b = prepared
+    variant = args.variants
     if mine.generator == "first":
         replay_first_generator()
 

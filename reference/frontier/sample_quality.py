@@ -121,6 +121,21 @@ class ClearOnly:
         return torch.cat(kept + [x[~clear]])[:n]
 
 
+def prepare(script: str, exp: str, rest: list[str], check=lambda args: None):
+    """dgr.py's options `rest` for experiment `exp` (variant gr unless they name another), checked by
+    `check` (which raises dgr.UsageError), the device set up and the data loaded: (args, device, data,
+    budget); or None, the error printed for an exit status of 2 (a bad option; MNIST missing offline)."""
+    try:
+        args = dgr.parse_args(["--exp", exp, "--variants", "gr", *rest])
+        check(args)
+        device = dgr.configure(args)
+        data = dgr.load_data(exp, args, device)
+    except (dgr.UsageError, FileNotFoundError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return None
+    return args, device, data, dgr.budget_for(args, exp)
+
+
 def write_report(out: str, report: dict, wall: float, device, b: dgr.Budget) -> None:
     """A script's report as JSON at `out`, with the run's wall time, machine and budget."""
     dgr.write_json(out, {**report, "wall_time_s": round(wall, 2), "machine": dgr.machine_name(device),
@@ -141,16 +156,14 @@ def main() -> int:
                      help="replay (to the solver and the generator) only samples the judge or the old solver "
                           f"reads as a clear digit (p > {CLEAR})")
     mine, rest = own.parse_known_args()
-    try:
-        args = dgr.parse_args(["--exp", "split", "--variants", "gr", *rest])
+
+    def check(args):
         if mine.clear_only != "no" and args.graphs == "on":   # its draws depend on the data: no graph capture
             raise dgr.UsageError("--clear-only runs eager steps: leave --graphs off")
-        device = dgr.configure(args)
-        data = dgr.load_data("split", args, device)
-    except (dgr.UsageError, FileNotFoundError) as e:   # a bad option; MNIST missing and not downloadable
-        print(f"sample_quality.py: error: {e}", file=sys.stderr)
+    prepared = prepare("sample_quality.py", "split", rest, check)
+    if prepared is None:
         return 2
-    b = dgr.budget_for(args, "split")
+    args, device, data, b = prepared
     judge, judge_acc = train_judge(data["mnist"], device, mine.judge_steps)
     print(f"judge: CNN, test accuracy {judge_acc:.2f} %", flush=True)
     rows = []
