@@ -138,6 +138,12 @@ def kernel_profile(fn, reps: int = 10) -> dict:
             "top_kernels": [(name[:80], us / reps / 1e3) for name, us in top]}
 
 
+def gan_layout(s: dgr.Scholar, memory_format) -> None:
+    """The scholar's GAN weights in this memory layout (dgr.py's is channels_last)."""
+    s.generator.to(memory_format=memory_format)
+    s.critic.to(memory_format=memory_format)
+
+
 def bench_steps(device, batches, reps: int, report) -> None:
     """One whole critic step (WGAN-GP, width 64), generator step and solver step (GR replay, half real),
     each with its Adam step as dgr.py builds it, with impl torch and impl ext; then the Adam step of the
@@ -167,13 +173,13 @@ def bench_steps(device, batches, reps: int, report) -> None:
                         # 40 % of the critic step's GPU time was one cuDNN kernel reading NHWC into NCHW
                         # (cudnn.benchmark, timed there too, changed nothing)
                         for key, layout in (("graphed_ms", torch.channels_last), ("graphed_nchw_ms", torch.contiguous_format)):
-                            s.generator.to(memory_format=layout), s.critic.to(memory_format=layout)
+                            gan_layout(s, layout)
                             graph_opts = with_graphs(True, lambda: s.optimizers(b))
                             graphed = captured(lambda: run(graph_opts), device)
                             graphed()   # eager warm-up 1 of 3; time_ms warms up twice more, captures
                             row[key] = time_ms(graphed, device, reps)
                     finally:
-                        s.generator.to(memory_format=torch.channels_last), s.critic.to(memory_format=torch.channels_last)
+                        gan_layout(s, torch.channels_last)
                     try:
                         row.update(kernel_profile(lambda: run(opts)))
                     except Exception as e:   # no CUPTI, say: the times above still stand
