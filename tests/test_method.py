@@ -3,6 +3,7 @@
 share r, a chain link that sees real data, an old scholar that moves, targets that ignore
 --replay-targets or the temperature, an EWC penalty left out, LwF heads mixed up, ER replaying only the
 last task, Adam moments carried across tasks."""
+import copy
 import inspect
 import json
 import os
@@ -209,6 +210,27 @@ def test_solver_adam_restarts_on_each_task(tmp_path, monkeypatch):
         a["task"].name, {float(state["step"]) for state in a["opt"].state.values()}))
     run_main(tmp_path, "--exp", "permuted", "--variants", "gr")
     assert first == {"perm1": {1.0}, "perm2": {1.0}, "perm3": {1.0}}
+
+
+@pytest.mark.parametrize("gan", ["conv", "mlp"])
+def test_critic_step_is_the_wgan_gp_step_of_one_batch(mnist, gan):
+    """critic_step scores the interpolates apart from the real and fake inputs: three steps of it move the
+    critic as the one-batch WGAN-GP step does (the benchmark's control), loss and weights alike."""
+    from bench_ops import critic_step_one_batch
+    b = dgr.Budget(gan=gan, width=16)
+    torch.manual_seed(0)
+    split = dgr.Scholar((1, 28, 28), b)
+    one_batch = copy.deepcopy(split)
+    opts = [dgr.adam(s.critic, 1e-3, (0.5, 0.9)) for s in (split, one_batch)]
+    x = mnist[0][:32]
+    for step in range(3):
+        losses = []
+        for s, opt, critic_step in zip((split, one_batch), opts, (dgr.critic_step, critic_step_one_batch)):
+            torch.manual_seed(step)   # the same fake samples and interpolation weights for both
+            losses.append(critic_step(s, opt, x, 10.0))
+        torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(weights(split.critic), weights(one_batch.critic))
+    assert not torch.equal(weights(split.critic), weights(dgr.Scholar((1, 28, 28), b).critic))
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
