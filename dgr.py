@@ -498,13 +498,29 @@ class Replay:
         if self.source == "generator":
             return self.old.sample(n)
         if self.source == "stored":
-            which = torch.randint(len(self.pool), (n,))
-            return torch.cat([p[torch.randint(len(p), (int((which == k).sum()),), device=p.device)]
-                              for k, p in enumerate(self.pool)])
+            return (stored_rows_in_place if self.pool[0].is_cuda else stored_rows_by_task)(self.pool, n)
         if self.source == "noise":
             device = next(self.old.solver.parameters()).device
             return torch.randn(n, *shape, device=device).clamp_(-1, 1)
         return current if self.source == "current" else None
+
+
+def stored_rows_by_task(pool: list, n: int) -> torch.Tensor:
+    """n real past inputs (ER): each row's task drawn uniformly, then a row of that task's inputs; grouped
+    by task. The number drawn per task is read on the host, so on CUDA this waits for the device."""
+    which = torch.randint(len(pool), (n,))
+    return torch.cat([p[torch.randint(len(p), (int((which == k).sum()),), device=p.device)] for k, p in enumerate(pool)])
+
+
+def stored_rows_in_place(pool: list, n: int) -> torch.Tensor:
+    """The same draw as stored_rows_by_task without a host synchronisation, so that a CUDA graph holds it
+    (ER's solver step graphed): a row of every task for each of the n places, one of them kept per place.
+    Used on CUDA; the CPU keeps the draw by task, with which the committed CPU results were made."""
+    which = torch.randint(len(pool), (n,) + (1,) * (pool[0].dim() - 1), device=pool[0].device)
+    rows = pool[0][torch.randint(len(pool[0]), (n,), device=pool[0].device)]
+    for k, p in enumerate(pool[1:], 1):
+        rows = torch.where(which == k, p[torch.randint(len(p), (n,), device=p.device)], rows)
+    return rows
 
 
 def make_replay(v: Variant, exp: str, args: Args, old: Scholar | None, pool: list, head: int, ewc: dict | None) -> Replay:
@@ -625,8 +641,8 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         opts["solver"] = adam(s.solver, b.solver_lr)
         if b.warmup_iters and replay.source != "none":
             warm_up_head(s, task, b, callback)
-    device = task.x_train.device   # whole steps as CUDA graphs where enabled (ER's draw syncs: eager)
-    solver = graphed(lambda: solver_step(s, opts["solver"], task, replay, r, b.batch), device, replay.source != "stored")
+    device = task.x_train.device   # whole steps as CUDA graphs where enabled
+    solver = graphed(lambda: solver_step(s, opts["solver"], task, replay, r, b.batch), device)
     for step in range(start + 1, b.solver_iters + 1):
         if b.solver_schedule == "cosine":
             set_lr(opts["solver"], b.solver_lr * cosine(step, b.solver_iters))
@@ -970,12 +986,12 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def graphed(step, device, capturable: bool = True):
+def graphed(step, device):
     """`step()` run as a CUDA graph when GRAPHS is on and the device is CUDA: three eager warm-up calls
     on a side stream, then captured once and replayed at every later call, its tensor outputs overwritten
     by each replay (random numbers drawn inside the graph advance as in eager steps). Else `step` itself.
     A graph holds no host synchronisation: losses stay on the device until a callback reads them."""
-    if not (GRAPHS["on"] and device.type == "cuda" and capturable):
+    if not (GRAPHS["on"] and device.type == "cuda"):
         return step
     state = {"calls": 0, "graph": None, "out": None}
 

@@ -203,6 +203,26 @@ def test_er_replays_every_past_task(tmp_path, monkeypatch):
     assert pools == {"0-1": {0}, "2-3": {1}, "4-5": {2}, "6-7": {3}, "8-9": {4}}
 
 
+@pytest.mark.parametrize("draw", ["stored_rows_by_task", "stored_rows_in_place"])
+def test_er_draws_past_tasks_evenly_and_their_inputs_uniformly(draw):
+    """Both ER draws (by task on the CPU; in place, with no host synchronisation, on CUDA) give each past
+    task 1/K of the rows and each input of a task the same chance, whatever the tasks' sizes."""
+    sizes = (50, 200, 1000)
+    pool = [torch.stack([torch.full((1, 2, 2), 1000.0 * k + i) for i in range(m)]) for k, m in enumerate(sizes)]
+    torch.manual_seed(0)
+    rows = getattr(dgr, draw)(pool, 30000)
+    assert rows.shape == (30000, 1, 2, 2) and torch.equal(rows, rows[:, :1, :1, :1].expand_as(rows))
+    ids = rows[:, 0, 0, 0].long()
+    task, index = ids // 1000, ids % 1000
+    for k, m in enumerate(sizes):
+        share = float((task == k).float().mean())
+        assert abs(share - 1 / 3) < 0.015, (k, share)
+        mine = index[task == k]
+        assert int(mine.max()) < m and len(mine.unique()) > 0.95 * m
+        halves = float((mine < m // 2).float().mean())
+        assert abs(halves - 0.5) < 0.03, (k, halves)
+
+
 def test_solver_adam_restarts_on_each_task(tmp_path, monkeypatch):
     """After the first solver step of every task, Adam has counted one step: its moments start afresh."""
     first = {}

@@ -295,9 +295,11 @@ def test_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- CUDA graphs
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_graphed_training_equals_eager_training(device, monkeypatch, float64_default):
+@pytest.mark.parametrize("source", ["generator", "stored"])
+def test_graphed_training_equals_eager_training(device, source, monkeypatch, float64_default):
     """train_task with whole steps captured as CUDA graphs (--graphs on) learns what eager steps learn,
-    random numbers included (drawn inside the graph, from the same generator). In float64 with cuDNN
+    random numbers included (drawn inside the graph, from the same generator), with GR's replay and with
+    ER's (real past inputs drawn on the device). In float64 with cuDNN
     deterministic, so that only rounding differs (fused Adam on CUDA either way), far below what 18 steps
     amplify (in float32, Adam turns the rounding of a near-zero gradient into an lr-sized step, and
     cuDNN's default algorithms are not deterministic). On the CPU graphs are off whatever GRAPHS says."""
@@ -312,7 +314,8 @@ def test_graphed_training_equals_eager_training(device, monkeypatch, float64_def
         x = torch.rand(256, 1, 28, 28, device=device) * 2 - 1
         task = dgr.Task("t", x, torch.randint(10, (256,), device=device), x[:8], None)
         s = dgr.Scholar((1, 28, 28), b).to(device)
-        dgr.train_task(s, s.optimizers(b), task, dgr.Replay("generator", s.frozen_copy()), 0.5, b)
+        replay = dgr.Replay(source, s.frozen_copy(), pool=[x[:100], x[100:]])
+        dgr.train_task(s, s.optimizers(b), task, replay, 0.5, b, train_generator=source == "generator")
         return torch.cat([p.detach().flatten() for p in s.parameters()])
     eager, graphed = train(False), train(True)
     assert eager.dtype == torch.float64
