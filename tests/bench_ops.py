@@ -9,10 +9,12 @@ replay; each with its Adam step as dgr.py builds it) runs with impl torch and im
 and on CUDA also captured as one CUDA graph (the GAN's convolutions channels_last, as dgr.py has them,
 then NCHW), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
 runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M
-elements, beside a copy of as many bytes. Medians of repeated runs; ratios are eager time / time.
+elements, beside a copy of as many bytes, and, last, a lever not in dgr.py: the critic step with the
+interpolates' branch on a side stream (checked against critic_step's weights, then timed). Medians of repeated runs; ratios are eager time / time.
 Prints a Markdown table row by row and writes <out>/bench/bench.json and bench.md after each row.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -179,32 +181,85 @@ def bench_steps(device, batches, reps: int, report) -> None:
                      "generator step": lambda o: dgr.generator_step(s, o["generator"], n),   # no fused op: a control
                      "solver step": lambda o: dgr.solver_step(s, o["solver"], task, replay, 0.5, n)}
             for step, run in steps.items():
-                row = {"op": step, "shape": "x".join(map(str, shape)), "batch": n}
-                opts = with_graphs(False, lambda: s.optimizers(b))
-                for impl in ("torch", "ext"):
-                    dgr.set_impl(impl)
-                    try:
-                        row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(lambda: run(opts), device, reps)
-                    finally:
-                        dgr.set_impl("auto")
-                if device.type == "cuda":   # the whole step as one CUDA graph (fused ops), --graphs on, with the
-                    try:                        # weights channels_last (dgr.py's), then NCHW: on the H100 (2026-11-28)
-                        # 40 % of the critic step's GPU time was one cuDNN kernel reading NHWC into NCHW
-                        # (cudnn.benchmark, timed there too, changed nothing)
-                        for key, layout in (("graphed_ms", torch.channels_last), ("graphed_nchw_ms", torch.contiguous_format)):
-                            gan_layout(s, layout)
-                            graph_opts = with_graphs(True, lambda: s.optimizers(b))
-                            graphed = captured(lambda: run(graph_opts), device)
-                            graphed()   # eager warm-up 1 of 3; time_ms warms up twice more, captures
-                            row[key] = time_ms(graphed, device, reps)
-                    finally:
-                        gan_layout(s, torch.channels_last)
-                    try:
-                        row.update(kernel_profile(lambda: run(opts)))
-                    except Exception as e:   # no CUPTI, say: the times above still stand
-                        print(f"profiler failed on the {step}: {type(e).__name__}: {e}", flush=True)
-                report(row)
+                report(time_step({"op": step, "shape": "x".join(map(str, shape)), "batch": n}, run, s, b, device, reps))
         bench_adam(s.critic, shape, device, reps, report)
+
+
+def time_step(row: dict, run, s: dgr.Scholar, b: dgr.Budget, device, reps: int) -> dict:
+    """Times run(optimizers of s) into row: eager with impl torch and ext; on CUDA also as one CUDA graph
+    (--graphs on) with the GAN channels_last (dgr.py's), then NCHW, and the kernels of an eager step."""
+    opts = with_graphs(False, lambda: s.optimizers(b))
+    for impl in ("torch", "ext"):
+        dgr.set_impl(impl)
+        try:
+            row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(lambda: run(opts), device, reps)
+        finally:
+            dgr.set_impl("auto")
+    if device.type == "cuda":   # the layouts: on the H100 (2026-11-28) 40 % of the critic step's GPU time was
+        try:                     # one cuDNN kernel reading NHWC into NCHW (cudnn.benchmark changed nothing)
+            for key, layout in (("graphed_ms", torch.channels_last), ("graphed_nchw_ms", torch.contiguous_format)):
+                gan_layout(s, layout)
+                graph_opts = with_graphs(True, lambda: s.optimizers(b))
+                graphed = captured(lambda: run(graph_opts), device)
+                graphed()   # eager warm-up 1 of 3; time_ms warms up twice more, captures
+                row[key] = time_ms(graphed, device, reps)
+        finally:
+            gan_layout(s, torch.channels_last)
+        try:
+            row.update(kernel_profile(lambda: run(opts)))
+        except Exception as e:   # no CUPTI, say: the times above still stand
+            print(f"profiler failed on the {row['op']}: {type(e).__name__}: {e}", flush=True)
+    return row
+
+
+def critic_step_side_stream(s: dgr.Scholar, opt, x_real: torch.Tensor, lam: float, side) -> torch.Tensor:
+    """A lever to measure on a GPU, not in dgr.py: critic_step with the interpolates' branch (forward,
+    input gradient, penalty) on a side stream, so that its kernels may overlap those of the real and fake
+    scores, forward and backward (autograd runs each backward op on its forward op's stream)."""
+    n = len(x_real)
+    x_fake = s.sample(n)
+    eps = torch.rand(n, 1, 1, 1, device=x_real.device)
+    x_hat = (eps * x_real + (1 - eps) * x_fake).requires_grad_(True)
+    main = torch.cuda.current_stream(x_real.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        grad, = torch.autograd.grad(s.critic(x_hat).sum(), x_hat, create_graph=True)
+        penalty = dgr.gradient_penalty(grad, lam)
+    scores = s.critic(torch.cat([x_real, x_fake]))
+    main.wait_stream(side)
+    loss = scores[n:].mean() - scores[:n].mean() + penalty
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def bench_side_stream(device, batches, reps: int, report) -> None:
+    """The side-stream critic step (CUDA only), after every other row: a capture that fails may leave the
+    device unusable. First its weights after 3 steps against critic_step's from the same state and random
+    numbers (printed), then its times, to read beside the critic step's row."""
+    b, side = dgr.Budget(), torch.cuda.Stream(device)
+    for shape in ((1, 28, 28), (3, 32, 32)):
+        s = dgr.Scholar(shape, b).to(device)
+        for n in batches:
+            x = torch.rand(n, *shape, device=device) * 2 - 1
+            try:
+                moved = []
+                for step in (dgr.critic_step, lambda *a: critic_step_side_stream(*a, side)):
+                    twin = copy.deepcopy(s)
+                    opt = with_graphs(False, lambda: dgr.adam(twin.critic, 1e-4, (0.5, 0.9)))
+                    torch.manual_seed(0)
+                    for _ in range(3):
+                        step(twin, opt, x, 10.0)
+                    moved.append(torch.cat([p.detach().flatten() for p in twin.critic.parameters()]))
+                print(f"side stream, {'x'.join(map(str, shape))} B = {n}: max |w - critic_step's w| after 3 steps "
+                      f"{float((moved[0] - moved[1]).abs().max()):.3g}", flush=True)
+                report(time_step({"op": "critic step, interpolates on a side stream (lever)",
+                                  "shape": "x".join(map(str, shape)), "batch": n},
+                                 lambda o: critic_step_side_stream(s, o["critic"], x, 10.0, side), s, b, device, reps))
+            except Exception as e:
+                print(f"side-stream critic step failed ({'x'.join(map(str, shape))}, B = {n}): {type(e).__name__}: {e}", flush=True)
+                return
 
 
 def bench_adam(critic, shape, device, reps: int, report) -> None:
@@ -252,6 +307,8 @@ def main() -> None:
 
     bench_steps(device, batches, reps, report)   # whole steps first: the goals of a GPU check
     bench_losses(device, batches, with_compile=not args.quick, reps=reps, report=report)
+    if device.type == "cuda":
+        bench_side_stream(device, batches, reps, report)
 
 
 if __name__ == "__main__":
