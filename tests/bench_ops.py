@@ -10,7 +10,8 @@ and on CUDA also captured as one CUDA graph (the GAN's convolutions channels_las
 then NCHW), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
 runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M
 elements, beside a copy of as many bytes, and, last, a lever not in dgr.py: the critic step with the
-interpolates' branch on a side stream (checked against critic_step's weights, then timed). Medians of repeated runs; ratios are eager time / time.
+interpolates' branch on a side stream (checked against critic_step's weights, then timed). Medians of
+repeated runs; ratios are eager time / time.
 Prints a Markdown table row by row and writes <out>/bench/bench.json and bench.md after each row.
 """
 import argparse

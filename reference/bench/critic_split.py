@@ -18,13 +18,12 @@ from bench_ops import critic_step_one_batch  # noqa: E402
 
 def main() -> None:
     torch.manual_seed(0)
+    b, steps = dgr.PAPER["split"], {"n rows": dgr.critic_step, "one batch": critic_step_one_batch}
     for shape in ((1, 28, 28), (3, 32, 32)):
-        b = dgr.PAPER["split"]
         s = dgr.Scholar(shape, b)
         opt = dgr.adam(s.critic, 1e-4, (0.5, 0.9))
         x = torch.rand(64, *shape) * 2 - 1
-        times = {"n rows": [], "one batch": []}
-        steps = {"n rows": dgr.critic_step, "one batch": critic_step_one_batch}
+        times = {name: [] for name in steps}
         for step in steps.values():   # warm-up
             for _ in range(3):
                 step(s, opt, x, 10.0)
