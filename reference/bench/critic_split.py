@@ -1,5 +1,6 @@
 """The critic step over n rows (dgr.critic_step) against the one-batch control (tests/bench_ops.py), timed
-interleaved: 12 rounds of 3 steps of each, B = 64, the DCGAN critic, on 1x28x28 and 3x32x32.
+interleaved at B = 64: 12 rounds of k steps of each, for the paper preset's DCGAN critic (1x28x28 and
+3x32x32, k = 3) and the fast preset's fully connected critics (split's width 128, permuted's 256, k = 30).
 
     python reference/bench/critic_split.py
 """
@@ -15,11 +16,15 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import dgr  # noqa: E402
 from bench_ops import critic_step_one_batch  # noqa: E402
 
+CASES = [("DCGAN", (1, 28, 28), dgr.PAPER["split"], 3), ("DCGAN", (3, 32, 32), dgr.PAPER["split"], 3),
+         ("MLP, width 128 (fast split)", (1, 28, 28), dgr.FAST["split"], 30),
+         ("MLP, width 256 (fast permuted)", (1, 28, 28), dgr.FAST["permuted"], 30)]
+
 
 def main() -> None:
     torch.manual_seed(0)
-    b, steps = dgr.PAPER["split"], {"n rows": dgr.critic_step, "one batch": critic_step_one_batch}
-    for shape in ((1, 28, 28), (3, 32, 32)):
+    steps = {"n rows": dgr.critic_step, "one batch": critic_step_one_batch}
+    for critic, shape, b, per_round in CASES:
         s = dgr.Scholar(shape, b)
         opt = dgr.adam(s.critic, 1e-4, (0.5, 0.9))
         x = torch.rand(64, *shape) * 2 - 1
@@ -29,15 +34,16 @@ def main() -> None:
                 step(s, opt, x, 10.0)
         for _ in range(12):
             for name, step in steps.items():
-                for _ in range(3):
+                for _ in range(per_round):
                     t0 = time.perf_counter()
                     step(s, opt, x, 10.0)
                     times[name].append(1e3 * (time.perf_counter() - t0))
         med = {k: statistics.median(v) for k, v in times.items()}
         q = {k: (sorted(v)[len(v) // 4], sorted(v)[3 * len(v) // 4]) for k, v in times.items()}
-        print(f"{'x'.join(map(str, shape))}: median n rows {med['n rows']:.0f} ms (IQR {q['n rows'][0]:.0f}-{q['n rows'][1]:.0f}), "
-              f"one batch {med['one batch']:.0f} ms (IQR {q['one batch'][0]:.0f}-{q['one batch'][1]:.0f}), "
-              f"speed-up {med['one batch'] / med['n rows']:.2f}x over 36 steps each, interleaved", flush=True)
+        print(f"{critic}, {'x'.join(map(str, shape))}: median n rows {med['n rows']:.1f} ms "
+              f"(IQR {q['n rows'][0]:.1f}-{q['n rows'][1]:.1f}), one batch {med['one batch']:.1f} ms "
+              f"(IQR {q['one batch'][0]:.1f}-{q['one batch'][1]:.1f}), speed-up {med['one batch'] / med['n rows']:.2f}x "
+              f"over {12 * per_round} steps each, interleaved", flush=True)
 
 
 if __name__ == "__main__":
