@@ -283,10 +283,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="batch 64 only, 5 repetitions, no torch.compile")
     parser.add_argument("--out", default="results", help="writes <out>/bench/bench.json and bench.md")
+    parser.add_argument("--reps", type=int, help="repetitions per row (default: 50 on CUDA, 10 on CPU, 5 --quick)")
+    parser.add_argument("--parts", default="steps,losses,side-stream",
+                        help="what to time: whole steps, the two losses, the side-stream critic step (CUDA)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dgr.load_extension(required=True)
     batches, reps = ((64,), 5) if args.quick else ((64, 256, 1024), 50 if device.type == "cuda" else 10)
+    reps = args.reps or reps
     folder = os.path.join(args.out, "bench")
     os.makedirs(folder, exist_ok=True)
     header = [f"## Benchmark ({dgr.machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
@@ -306,9 +310,14 @@ def main() -> None:
                                                             "rows": [row for row, _ in rows]})
         dgr.write_text(os.path.join(folder, "bench.md"), "\n".join(header + [line for _, line in rows]) + "\n")
 
-    bench_steps(device, batches, reps, report)   # whole steps first: the goals of a GPU check
-    bench_losses(device, batches, with_compile=not args.quick, reps=reps, report=report)
-    if device.type == "cuda":
+    parts = args.parts.split(",")
+    if unknown := set(parts) - {"steps", "losses", "side-stream"}:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from steps, losses, side-stream")
+    if "steps" in parts:
+        bench_steps(device, batches, reps, report)   # whole steps first: the goals of a GPU check
+    if "losses" in parts:
+        bench_losses(device, batches, with_compile=not args.quick, reps=reps, report=report)
+    if "side-stream" in parts and device.type == "cuda":
         bench_side_stream(device, batches, reps, report)
 
 

@@ -98,6 +98,21 @@ def test_gradient_penalty_odd_shapes(device, case):
         assert dg.shape == g.shape and close(v, v_ref, dtype) and close(dg, dg_ref, dtype), (case, dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_penalty_row_does_not_depend_on_its_batch(device):
+    """Each row's gradient is that row's alone, bit for bit, whichever rows share its batch (the CPU
+    kernel sums rows in groups of eight, a partial group last; the CUDA kernel one row per block).
+    grad_out = B / 2 makes the op's 2 lam / B factor the same at every batch size."""
+    g = torch.randn(13, 785, device=device).mul_(0.03)
+    dg_all = torch.ops.dgr.gradient_penalty_backward(torch.tensor(13 / 2, device=device), g, 1.0)
+    for rows in (slice(8, 13), slice(3, 11), slice(12, 13)):
+        part = g[rows].clone()   # its own storage, so another alignment of rows and groups
+        n = len(part)
+        dg = torch.ops.dgr.gradient_penalty_backward(torch.tensor(n / 2, device=device), part, 1.0)
+        assert torch.equal(dg, dg_all[rows]), rows
+    assert (dg_all != 0).all()
+
+
 def replay_inputs(device, n_real, n_replay, soft, dtype=torch.float32, classes=10):
     lr = torch.randn(n_real, 2 * classes, device=device, dtype=dtype)[:, ::2]   # non-contiguous
     lp = torch.randn(n_replay, classes, device=device, dtype=dtype) * 3
