@@ -253,6 +253,23 @@ def test_critic_step_is_the_wgan_gp_step_of_one_batch(mnist, gan):
     assert not torch.equal(weights(split.critic), weights(dgr.Scholar((1, 28, 28), b).critic))
 
 
+def test_cpu_adam_is_torchs_default_adam_bit_for_bit(mnist):
+    """dgr.adam on the CPU is torch's default Adam: its steps (an lr changed between them, as the cosine
+    schedule does) equal the default's exactly, the arithmetic of the committed CPU results (the fused CPU
+    kernel, 5-14 % faster per GAN iteration in reference/bench/adam_cpu.py, rounds otherwise)."""
+    torch.manual_seed(0)
+    ours = dgr.Scholar((1, 28, 28), dgr.Budget(gan="mlp", width=32))
+    default = copy.deepcopy(ours)
+    opts = [dgr.adam(ours.critic, 2e-4, (0.5, 0.9)), torch.optim.Adam(default.critic.parameters(), 2e-4, (0.5, 0.9))]
+    for step in range(4):
+        for s, opt in zip((ours, default), opts):
+            dgr.set_lr(opt, 2e-4 * (4 - step) / 4)
+            torch.manual_seed(step)
+            dgr.critic_step(s, opt, mnist[0][:32], 10.0)
+    assert torch.equal(weights(ours.critic), weights(default.critic))
+    assert not torch.equal(weights(ours.critic), weights(dgr.Scholar((1, 28, 28), dgr.Budget(gan="mlp", width=32)).critic))
+
+
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_lr_schedules_hold_within_each_task(mnist, monkeypatch, schedule):
     """solver_schedule and gan_schedule: each step's lr is the base lr times a half cosine over the task's
