@@ -57,7 +57,8 @@ void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels
 // ||g_b||^2 of up to kRows rows at once, accumulated in acc_t (float for half types). Each row is summed
 // in index order, as a one-row loop would: the result does not depend on how rows are grouped. The rows
 // are interleaved so that their additions overlap: one row's chain of dependent additions waits on the
-// adder's latency, kRows chains keep it busy (about 4x faster on x86-64, bit for bit the same sums).
+// adder's latency, kRows chains keep it busy (forward + backward up to 2x faster on 2 x86-64 cores, bit
+// for bit the same sums; reference/bench/penalty_cpu).
 constexpr int64_t kRows = 8;
 
 template <typename acc_t, typename scalar_t>

@@ -287,6 +287,9 @@ def main() -> None:
     parser.add_argument("--parts", default="steps,losses,side-stream",
                         help="what to time: whole steps, the two losses, the side-stream critic step (CUDA)")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - {"steps", "losses", "side-stream"}:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from steps, losses, side-stream")
     device = torch.device(args.device)
     dgr.load_extension(required=True)
     batches, reps = ((64,), 5) if args.quick else ((64, 256, 1024), 50 if device.type == "cuda" else 10)
@@ -310,9 +313,6 @@ def main() -> None:
                                                             "rows": [row for row, _ in rows]})
         dgr.write_text(os.path.join(folder, "bench.md"), "\n".join(header + [line for _, line in rows]) + "\n")
 
-    parts = args.parts.split(",")
-    if unknown := set(parts) - {"steps", "losses", "side-stream"}:
-        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from steps, losses, side-stream")
     if "steps" in parts:
         bench_steps(device, batches, reps, report)   # whole steps first: the goals of a GPU check
     if "losses" in parts:
