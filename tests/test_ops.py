@@ -1,6 +1,8 @@
 """The fused ops of csrc/ against the PyTorch references in dgr.py: forward, backward, opcheck, gradcheck,
 whole critic and solver steps, and the fallback when the extension cannot be built. CUDA cases run
 where a GPU is present (see README for the GPU run)."""
+import os
+
 import pytest
 import torch
 
@@ -351,3 +353,24 @@ def test_step_costs_run_the_steps_as_training_does(device, monkeypatch):
     b = dgr.Budget(n_critic=2, batch=16, gen_batch=8, width=8, hidden=16)
     costs = dgr.step_costs((1, 28, 28), b, torch.device(device), generative=True)
     assert set(costs) == set(dgr.STEP_KINDS) and all(c > 0 for c in costs.values()), costs
+
+
+def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    """tests/bench_ops.py, which .ci/gpu-check runs on a lent GPU, runs on the CPU (--quick, one
+    repetition per row): every row is timed and written to bench.json and bench.md, so a broken benchmark
+    shows here and not in the few minutes of a GPU session."""
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bench_ops.py"), "--device", "cpu", "--quick",
+                           "--reps", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.load(open(tmp_path / "bench" / "bench.json"))["rows"]
+    steps = ["critic step", "critic step, 3n rows in one batch (before)", "generator step", "solver step",
+             "Adam step (critic weights)"]
+    assert [r["op"] for r in rows] == steps + steps + ["gradient_penalty", "replay_loss", "gradient_penalty"]
+    assert all(r["eager_ms"] > 0 for r in rows)
+    assert all(r["fused_ms"] > 0 for r in rows if r["op"] in steps[:4])   # impl ext beside impl torch
+    assert all(r["fused_ms"] > 0 and "compiled_ms" not in r for r in rows[-3:])
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert md.count("\n| ") == len(rows) + 1   # the header row and one line per row
