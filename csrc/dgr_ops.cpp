@@ -54,27 +54,19 @@ void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels
 // ---------------------------------------------------------------------------------------------------
 // Gradient penalty, CPU.
 
-// ||g_b||^2 of up to kRows rows at once, accumulated in acc_t (float for half types). Each row is summed
-// in index order, as a one-row loop would: the result does not depend on how rows are grouped. The rows
-// are interleaved so that their additions overlap: one row's chain of dependent additions waits on the
-// adder's latency, kRows chains keep it busy (forward + backward up to 2x faster on 2 x86-64 cores, bit
-// for bit the same sums; reference/bench/penalty_cpu).
+// ||g_b||^2 of N rows at once (kRows, or 1 for each row of a last, partial group), accumulated in acc_t
+// (float for half types). Each row is summed in index order, as a one-row loop would: the result does not
+// depend on how rows are grouped. The rows are interleaved so that their additions overlap: one row's
+// chain of dependent additions waits on the adder's latency, kRows chains keep it busy (forward + backward
+// up to 2x faster on 2 x86-64 cores, bit for bit the same sums; reference/bench/penalty_cpu).
 constexpr int64_t kRows = 8;
 
-template <typename acc_t, typename scalar_t>
-void rows_sum_squares(const scalar_t* rows, int64_t D, int64_t n, acc_t* ss) {
-  if (n == kRows) {
-    acc_t s[kRows] = {};
-    for (int64_t i = 0; i < D; ++i)
-      for (int64_t r = 0; r < kRows; ++r) { acc_t v = rows[r * D + i]; s[r] += v * v; }
-    for (int64_t r = 0; r < kRows; ++r) ss[r] = s[r];
-    return;
-  }
-  for (int64_t r = 0; r < n; ++r) {   // the last, partial group
-    acc_t s = 0;
-    for (int64_t i = 0; i < D; ++i) { acc_t v = rows[r * D + i]; s += v * v; }
-    ss[r] = s;
-  }
+template <int64_t N, typename acc_t, typename scalar_t>
+void rows_sum_squares(const scalar_t* rows, int64_t D, acc_t* ss) {
+  acc_t s[N] = {};
+  for (int64_t i = 0; i < D; ++i)
+    for (int64_t r = 0; r < N; ++r) { acc_t v = rows[r * D + i]; s[r] += v * v; }
+  for (int64_t r = 0; r < N; ++r) ss[r] = s[r];
 }
 
 // f(b, ||g_b||) for every row b, groups of kRows rows spread over threads.
@@ -84,7 +76,8 @@ void for_each_row_norm(const scalar_t* p, int64_t B, int64_t D, F&& f) {
     acc_t ss[kRows];
     for (int64_t grp = begin; grp < end; ++grp) {
       const int64_t b0 = grp * kRows, n = std::min(kRows, B - b0);
-      rows_sum_squares<acc_t>(p + b0 * D, D, n, ss);
+      if (n == kRows) rows_sum_squares<kRows>(p + b0 * D, D, ss);
+      else for (int64_t r = 0; r < n; ++r) rows_sum_squares<1>(p + (b0 + r) * D, D, ss + r);   // the last group
       for (int64_t r = 0; r < n; ++r) f(b0 + r, std::sqrt(ss[r]));
     }
   });
