@@ -47,6 +47,22 @@ def time_ms(fn, device, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def time_interleaved(fns: dict, rounds: int, per_round: int) -> dict:
+    """Wall times in ms of each fns[name]() on the CPU, interleaved so that the machine's drift touches all
+    alike: 3 warm-up calls of each, then `rounds` rounds of `per_round` calls of each in turn."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
 def with_graphs(on: bool, make):
     """make() with dgr.GRAPHS set as --graphs on/off sets it (Adam is built capturable for graphs)."""
     dgr.GRAPHS["on"] = on
@@ -278,18 +294,21 @@ def bench_adam(critic, shape, device, reps: int, report) -> None:
     report(row)
 
 
+PARTS = ("steps", "losses", "side-stream")   # --parts, in the order timed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="batch 64 only, 5 repetitions, no torch.compile")
     parser.add_argument("--out", default="results", help="writes <out>/bench/bench.json and bench.md")
     parser.add_argument("--reps", type=int, help="repetitions per row (default: 50 on CUDA, 10 on CPU, 5 --quick)")
-    parser.add_argument("--parts", default="steps,losses,side-stream",
+    parser.add_argument("--parts", default=",".join(PARTS),
                         help="what to time: whole steps, the two losses, the side-stream critic step (CUDA)")
     args = parser.parse_args()
     parts = args.parts.split(",")
-    if unknown := set(parts) - {"steps", "losses", "side-stream"}:
-        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from steps, losses, side-stream")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     device = torch.device(args.device)
     dgr.load_extension(required=True)
     batches, reps = ((64,), 5) if args.quick else ((64, 256, 1024), 50 if device.type == "cuda" else 10)

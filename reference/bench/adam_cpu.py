@@ -7,12 +7,13 @@ and a generator step at B = 64; split's width-128 and permuted's width-256 fully
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import dgr  # noqa: E402
+from bench_ops import time_interleaved  # noqa: E402
 
 KINDS = {"default loop (dgr.adam)": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -33,16 +34,7 @@ def main() -> None:
             for _ in range(b.n_critic):
                 dgr.critic_step(s, critic_opt, x, 10.0)
             dgr.generator_step(s, gen_opt, 64)
-        times = {kind: [] for kind in KINDS}
-        for kind in KINDS:   # warm-up
-            for _ in range(3):
-                iteration(kind)
-        for _ in range(10):
-            for kind in KINDS:
-                for _ in range(10):
-                    t0 = time.perf_counter()
-                    iteration(kind)
-                    times[kind].append(1e3 * (time.perf_counter() - t0))
+        times = time_interleaved({kind: (lambda kind=kind: iteration(kind)) for kind in KINDS}, rounds=10, per_round=10)
         med = {kind: statistics.median(v) for kind, v in times.items()}
         print(f"fast {exp}, width {b.width}, {b.n_critic} critic steps + 1 generator step, median of 100 each: "
               + ", ".join(f"{kind} {m:.2f} ms ({med['default loop (dgr.adam)'] / m:.3f}x)" for kind, m in med.items()), flush=True)

@@ -7,14 +7,13 @@ interleaved at B = 64: 12 rounds of k steps of each, for the paper preset's DCGA
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import dgr  # noqa: E402
-from bench_ops import critic_step_one_batch  # noqa: E402
+from bench_ops import critic_step_one_batch, time_interleaved  # noqa: E402
 
 CASES = [("DCGAN", (1, 28, 28), dgr.PAPER["split"], 3), ("DCGAN", (3, 32, 32), dgr.PAPER["split"], 3),
          ("MLP, width 128 (fast split)", (1, 28, 28), dgr.FAST["split"], 30),
@@ -28,16 +27,8 @@ def main() -> None:
         s = dgr.Scholar(shape, b)
         opt = dgr.adam(s.critic, 1e-4, (0.5, 0.9))
         x = torch.rand(64, *shape) * 2 - 1
-        times = {name: [] for name in steps}
-        for step in steps.values():   # warm-up
-            for _ in range(3):
-                step(s, opt, x, 10.0)
-        for _ in range(12):
-            for name, step in steps.items():
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    step(s, opt, x, 10.0)
-                    times[name].append(1e3 * (time.perf_counter() - t0))
+        times = time_interleaved({name: (lambda step=step: step(s, opt, x, 10.0)) for name, step in steps.items()},
+                                 rounds=12, per_round=per_round)
         med = {k: statistics.median(v) for k, v in times.items()}
         q = {k: (sorted(v)[len(v) // 4], sorted(v)[3 * len(v) // 4]) for k, v in times.items()}
         print(f"{critic}, {'x'.join(map(str, shape))}: median n rows {med['n rows']:.1f} ms "
