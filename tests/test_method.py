@@ -257,8 +257,9 @@ def test_cpu_adam_is_torchs_default_adam_bit_for_bit(mnist):
     """dgr.adam on the CPU is torch's default Adam: its steps (an lr changed between them, as the cosine
     schedule does) equal the default's exactly, the arithmetic of the committed CPU results (the fused CPU
     kernel, 5-14 % faster per GAN iteration in reference/bench/adam_cpu.py, rounds otherwise)."""
+    b = dgr.Budget(gan="mlp", width=32)
     torch.manual_seed(0)
-    ours = dgr.Scholar((1, 28, 28), dgr.Budget(gan="mlp", width=32))
+    ours = dgr.Scholar((1, 28, 28), b)
     default = copy.deepcopy(ours)
     opts = [dgr.adam(ours.critic, 2e-4, (0.5, 0.9)), torch.optim.Adam(default.critic.parameters(), 2e-4, (0.5, 0.9))]
     for step in range(4):
@@ -267,7 +268,7 @@ def test_cpu_adam_is_torchs_default_adam_bit_for_bit(mnist):
             torch.manual_seed(step)
             dgr.critic_step(s, opt, mnist[0][:32], 10.0)
     assert torch.equal(weights(ours.critic), weights(default.critic))
-    assert not torch.equal(weights(ours.critic), weights(dgr.Scholar((1, 28, 28), dgr.Budget(gan="mlp", width=32)).critic))
+    assert not torch.equal(weights(ours.critic), weights(dgr.Scholar((1, 28, 28), b).critic))
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
