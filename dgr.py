@@ -108,6 +108,7 @@ class Budget:
     solver_lr: float = 1e-3       # Adam(0.9, 0.999) for the solver
     solver_schedule: str = "constant"   # solver lr within each task: constant, or cosine (decays to 0)
     gan_schedule: str = "constant"      # generator and critic lr within each task: constant, or cosine
+    gen_ema: float = 0.0          # decay of the generator's weight average that is replayed (0: the weights)
     ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, README)
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
@@ -132,12 +133,13 @@ PAPER = {
 # DCGAN convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed
 # by a cosine in each task. The others take the same GAN and schedule; chain's and permuted's generators,
 # which must carry all ten digits (of every permutation) to the next task, are wider and train longer.
+# split replays the running average of its generator's weights (gen_ema: +0.3 points over 3 seeds, README).
 # The CNN solver (SVHN) costs 0.1-0.25 s per step on 2 cores.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
 FAST = {
     "chain": Budget(solver_iters=5000, gen_iters=3000, eval_every=1000, **{**FAST_GAN, "width": 256}),
     "permuted": Budget(solver_iters=5000, gen_iters=3000, eval_every=500, **{**FAST_GAN, "width": 256}),
-    "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, **FAST_GAN),
+    "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, gen_ema=0.99, **FAST_GAN),
     "mnist-svhn": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
     "svhn-mnist": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
     "lwf": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, warmup_iters=200, **FAST_GAN),
@@ -170,6 +172,8 @@ def budget_overrides(text: str) -> dict:
             raise ValueError(f"{name} takes a {fields[name].__name__}, got {value!r}") from None
         if out[name] not in BUDGET_CHOICES.get(name, (out[name],)):
             raise ValueError(f"{name} is {' or '.join(BUDGET_CHOICES[name])}, got {value!r}")
+        if name == "gen_ema" and not 0 <= out[name] < 1:
+            raise ValueError(f"gen_ema is a decay in [0, 1), got {value!r}")
     return out
 
 
@@ -359,7 +363,8 @@ class Solver(nn.Module):
 
 class Scholar(nn.Module):
     """A generator with its critic (WGAN-GP) and a solver: the networks a task learns and later replays.
-    The training code holds their optimizers (`optimizers`)."""
+    The training code holds their optimizers (`optimizers`). With b.gen_ema the scholar also keeps a
+    running average of its generator's weights (`generator_ema`), which it samples and replays."""
 
     def __init__(self, shape, b: Budget, n_heads=1, with_generator=True):
         super().__init__()
@@ -373,6 +378,9 @@ class Scholar(nn.Module):
             if conv:   # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores
                 self.generator.to(memory_format=torch.channels_last)
                 self.critic.to(memory_format=torch.channels_last)
+        self.generator_ema = None
+        if b.gen_ema and with_generator:
+            self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
 
     def optimizers(self, b: Budget) -> dict[str, torch.optim.Optimizer]:
         """Adam for each network: the solver's (0.9, 0.999), the GAN's (0.5, 0.9) as in WGAN-GP."""
@@ -383,17 +391,33 @@ class Scholar(nn.Module):
         return opts
 
     def frozen_copy(self) -> Scholar:
-        """The previous scholar: its generator and solver copied without gradients, to sample and label."""
-        critic, self.critic = self.critic, None
+        """The previous scholar: its generator (the weight average, where kept) and solver copied without
+        gradients, to sample and label."""
+        kept = self.critic, self.generator, self.generator_ema
+        self.critic, self.generator_ema = None, None
+        self.generator = kept[1] if kept[2] is None else kept[2]
         try:
             return copy.deepcopy(self).requires_grad_(False)
         finally:
-            self.critic = critic
+            self.critic, self.generator, self.generator_ema = kept
 
     @torch.no_grad()
-    def sample(self, n: int) -> torch.Tensor:
-        z = torch.randn(n, self.z_dim, device=next(self.generator.parameters()).device)
-        return self.generator(z)   # train-mode batch norm, as in training
+    def sample(self, n: int, trained: bool = False) -> torch.Tensor:
+        """n samples of the generator this scholar replays (the weight average, where kept), or with
+        trained=True of the generator in training (the critic's fakes)."""
+        generator = self.generator if trained or self.generator_ema is None else self.generator_ema
+        z = torch.randn(n, self.z_dim, device=next(generator.parameters()).device)
+        return generator(z)   # train-mode batch norm, as in training
+
+    @torch.no_grad()
+    def average_generator(self, decay: float, step: int) -> None:
+        """generator_ema <- its running average after generator step `step` (from 1) of a task: the mean of
+        the task's weights so far, until the newest's weight 1/step falls to 1 - decay, then an exponential
+        average over about 1/(1 - decay) steps. Step 1 restarts it from the generator's weights."""
+        weight = max(1.0 / step, 1.0 - decay)
+        torch._foreach_lerp_(list(self.generator_ema.parameters()), list(self.generator.parameters()), weight)
+        for average, b in zip(self.generator_ema.buffers(), self.generator.buffers()):   # batch norm's statistics
+            average.copy_(b)
 
     @torch.no_grad()
     def label(self, x: torch.Tensor, head: int = 0, soft: bool = False, temperature: float = 1.0) -> torch.Tensor:
@@ -548,7 +572,7 @@ def critic_step(s: Scholar, opt, x_real: torch.Tensor, lam: float) -> torch.Tens
     all three (whose 2n other rows carry zero gradient). Same numbers; on 2 CPU cores 1.5-1.6x faster
     with the DCGAN critic, 1.2x with the fully connected one."""
     n = len(x_real)
-    x_fake = s.sample(n)
+    x_fake = s.sample(n, trained=True)
     eps = torch.rand(n, 1, 1, 1, device=x_real.device)
     x_hat = (eps * x_real + (1 - eps) * x_fake).requires_grad_(True)
     scores = s.critic(torch.cat([x_real, x_fake]))
@@ -661,7 +685,10 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
             factor = cosine(step, b.gen_iters)
             set_lr(opts["generator"], b.gen_lr * factor)
             set_lr(opts["critic"], b.effective_critic_lr * factor)
-        callback("generator", step, gan_step())
+        losses = gan_step()
+        if s.generator_ema is not None:
+            s.average_generator(b.gen_ema, step)
+        callback("generator", step, losses)
 
 
 def cosine(step: int, steps: int) -> float:
@@ -1081,6 +1108,8 @@ def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, rep
             for _ in range(b.n_critic):
                 critic_step(s, opts["critic"], generator_inputs(task, rep, 0.5, b.gen_batch), b.lam)
             generator_step(s, opts["generator"], b.gen_batch)
+            if s.generator_ema is not None:
+                s.average_generator(b.gen_ema, 2)
         if generative:
             steps.update({"generator": lambda: generator_iteration(Replay()), "replay generator": lambda: generator_iteration(replay)})
         costs, sync = {}, (torch.cuda.synchronize if device.type == "cuda" else lambda device: None)

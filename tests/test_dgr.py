@@ -352,6 +352,7 @@ def test_solver_step_uses_old_solver_labels(old_scholar, mnist):
     (["--solver-iters", "-3"], "--solver-iters must be >= 0"),
     (["--budget", "gan=vae"], "--budget: gan is conv or mlp, got 'vae'"),
     (["--budget", "width=wide"], "--budget: width takes a int, got 'wide'"),
+    (["--budget", "gen_ema=1"], "--budget: gen_ema is a decay in [0, 1), got '1'"),
     (["--device", "cpu", "--graphs", "on"], "--graphs on: CUDA graphs need a CUDA device, not cpu"),
     (["--budget", "depth=3"], "--budget: 'depth=3' is not name=value with a name among solver_iters"),
 ])

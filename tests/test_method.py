@@ -135,6 +135,39 @@ def test_old_scholar_does_not_change_during_a_task(tmp_path, monkeypatch):
         assert all(torch.equal(s, states[0][0]) and torch.equal(g, states[0][1]) for s, g in states), name
 
 
+def test_replayed_generator_is_the_running_average_of_the_trained_one(tmp_path, monkeypatch):
+    """--budget gen_ema=d: the next task replays the average of the generator's weights after each step of
+    the task, weight max(1/k, 1-d) on step k (a mean that restarts with each task, then an exponential
+    average); the critic's fakes come from the generator in training."""
+    decay, task, trained, replayed = 0.6, [None], {}, {}
+
+    def on_task(a):
+        task[0] = a["task"].name
+        if a["replay"].old is not None:
+            replayed[a["task"].name] = weights(a["replay"].old.generator)
+    spy(monkeypatch, dgr, "train_task", None, on_task)
+    spy(monkeypatch, dgr, "generator_step", lambda a, _: task[0] and trained.setdefault(task[0], []).append(weights(a["s"].generator)))
+    run_main(tmp_path, "--exp", "split", "--variants", "gr", "--budget", f"gen_ema={decay}")
+    names = [f"{a}-{b}" for a, b in dgr.SPLIT_CLASSES]
+    assert list(trained) == names and list(replayed) == names[1:]
+    for name, next_name in zip(names, names[1:]):
+        average = trained[name][0]
+        for k, w in enumerate(trained[name][1:], 2):
+            average = average + max(1 / k, 1 - decay) * (w - average)
+        torch.testing.assert_close(replayed[next_name], average)
+        assert not torch.allclose(replayed[next_name], trained[name][-1])
+    s = dgr.Scholar((1, 28, 28), dgr.Budget(gan="mlp", width=8, gen_ema=decay))
+    s.average_generator(decay, 1)
+    torch.nn.init.normal_(s.generator.net[0].weight)   # a training step, as far as the average knows
+    for trained_fakes, generator in ((True, s.generator), (False, s.generator_ema)):
+        torch.manual_seed(0)
+        x = s.sample(4, trained=trained_fakes)
+        torch.manual_seed(0)
+        assert torch.equal(x, generator(torch.randn(4, s.z_dim)))
+    torch.manual_seed(0)
+    assert not torch.equal(x, s.generator(torch.randn(4, s.z_dim)))
+
+
 @pytest.mark.parametrize("argv,soft,temperature", [
     (["--variants", "gr"], False, 1.0),
     (["--variants", "gr", "--replay-targets", "soft"], True, 1.0),

@@ -48,6 +48,7 @@ def test_same_seed_same_results(uninterrupted, tmp_path):
 CHAIN = ["--exp", "chain", "--preset", "quick", "--variants", "gr", "--solver-iters", "60", "--gen-iters", "20",
          "--eval-every", "20", "--checkpoint-every", "10"]
 EWC = [*SHORT[:4], "--variants", "ewc", *SHORT[6:]]
+EMA = [*SHORT, "--budget", "gen_ema=0.9"]   # the generator's running average in the run state
 
 
 @pytest.mark.parametrize("argv,exp,variant,kill_at", [
@@ -55,7 +56,8 @@ EWC = [*SHORT[:4], "--variants", "ewc", *SHORT[6:]]
     (SHORT, "split", "gr", (1, "generator", 20)),     # task 2, generator phase
     (CHAIN, "chain", "gr", (2, "solver", 40)),        # link 3, a new scholar
     (EWC, "split", "ewc", (2, "solver", 40)),         # EWC: Fisher and anchors in the run state
-], ids=["split-solver", "split-generator", "chain", "ewc"])
+    (EMA, "split", "gr", (1, "generator", 20)),       # gen_ema: the average, mid-task
+], ids=["split-solver", "split-generator", "chain", "ewc", "gen-ema"])
 def test_killed_run_resumes_to_the_same_results(tmp_path_factory, argv, exp, variant, kill_at):
     """The run SIGKILLs itself right after saving the checkpoint at `kill_at` (tests/patched_dgr.py), a
     point the test controls; resumed, it ends with the results of an uninterrupted run."""
