@@ -352,7 +352,6 @@ def test_solver_step_uses_old_solver_labels(old_scholar, mnist):
     (["--solver-iters", "-3"], "--solver-iters must be >= 0"),
     (["--budget", "gan=vae"], "--budget: gan is conv or mlp, got 'vae'"),
     (["--budget", "width=wide"], "--budget: width takes a int, got 'wide'"),
-    (["--budget", "gen_ema=1"], "--budget: gen_ema is a decay in [0, 1), got '1'"),
     (["--device", "cpu", "--graphs", "on"], "--graphs on: CUDA graphs need a CUDA device, not cpu"),
     (["--budget", "depth=3"], "--budget: 'depth=3' is not name=value with a name among solver_iters"),
 ])
@@ -543,6 +542,9 @@ def test_budget_overrides_reach_the_scholar():
     assert torch.isfinite(dgr.critic_step(s, opts["critic"], x, 10.0))
     moved = [not torch.equal(p, q) for p, q in zip(before, s.critic.parameters()) if p.dim() == 2]
     assert moved == [True, True, True]   # every weight matrix (the last bias gets no gradient in WGAN)
+    for decay in ("1", "-0.5"):
+        with pytest.raises(ValueError, match=r"gen_ema is a decay in \[0, 1\)"):
+            dgr.budget_overrides(f"gen_ema={decay}")
 
 
 def test_default_preset_fits_the_machine(tmp_path):

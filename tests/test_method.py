@@ -145,11 +145,18 @@ def test_replayed_generator_is_the_running_average_of_the_trained_one(tmp_path, 
         task[0] = a["task"].name
         if a["replay"].old is not None:
             replayed[a["task"].name] = weights(a["replay"].old.generator)
+    def on_generator_step(a, _):
+        if task[0]:   # not the ETA's calibration
+            trained.setdefault(task[0], []).append(weights(a["s"].generator))
+    critic_steps, fakes_of_trained = [], []
     spy(monkeypatch, dgr, "train_task", None, on_task)
-    spy(monkeypatch, dgr, "generator_step", lambda a, _: task[0] and trained.setdefault(task[0], []).append(weights(a["s"].generator)))
+    spy(monkeypatch, dgr, "generator_step", on_generator_step)
+    spy(monkeypatch, dgr, "critic_step", None, lambda a: critic_steps.append(1))
+    spy(monkeypatch, dgr.Scholar, "sample", None, lambda a: a["trained"] and fakes_of_trained.append(1))
     run_main(tmp_path, "--exp", "split", "--variants", "gr", "--budget", f"gen_ema={decay}")
     names = [f"{a}-{b}" for a, b in dgr.SPLIT_CLASSES]
     assert list(trained) == names and list(replayed) == names[1:]
+    assert len(fakes_of_trained) == len(critic_steps) > 0
     for name, next_name in zip(names, names[1:]):
         average = trained[name][0]
         for k, w in enumerate(trained[name][1:], 2):
