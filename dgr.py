@@ -927,7 +927,7 @@ def load_extension(required: bool = False) -> bool:
             from torch.utils import cpp_extension
             with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
             cpp_extension.load(EXTENSION_NAME, extension_sources(with_cuda), extra_cflags=["-O3"],
-                               extra_cuda_cflags=["-O3"], extra_ldflags=EXTENSION_LINK_ARGS, is_python_module=False)
+                               extra_cuda_cflags=["-O3"], is_python_module=False)
         register_op_python_parts()
         _ops["kernels"] = {key: torch._C._dispatch_has_kernel_for_dispatch_key("dgr::gradient_penalty", key)
                            for key in ("CPU", "CUDA")}
@@ -952,11 +952,6 @@ def prefer_cuda_toolkit() -> None:
 
 def extension_sources(with_cuda: bool) -> list[str]:
     return [os.path.join(CSRC, "dgr_ops.cpp")] + ([os.path.join(CSRC, "cuda", "dgr_ops.cu")] if with_cuda else [])
-
-
-# The module links libstdc++ shared, as PyTorch does: a compiler that links it statically (the lent H100's
-# /opt/gcc, 2026-11-28) gives the module its own copy, whose streams crashed on every message with a number.
-EXTENSION_LINK_ARGS = ["-lstdc++"]
 
 
 def register_op_python_parts() -> None:

@@ -22,7 +22,7 @@ if os.environ.get("DGR_NO_EXTENSION") != "1":
     kind = CUDAExtension if with_cuda else CppExtension
     ext_modules.append(kind(dgr.EXTENSION_NAME, dgr.extension_sources(with_cuda),
                             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]} if with_cuda
-                            else {"cxx": ["-O3"]}, extra_link_args=dgr.EXTENSION_LINK_ARGS))
+                            else {"cxx": ["-O3"]}))
 
 setup(name="dgr", version="0.1.0", description="Deep Generative Replay (Shin et al. 2017), one file",
       py_modules=["dgr"], ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})

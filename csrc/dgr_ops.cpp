@@ -21,7 +21,7 @@ namespace dgr {
 at::Tensor rows_of(const at::Tensor& grad) {
   TORCH_CHECK(grad.dim() >= 1, "dgr::gradient_penalty: grad must have a batch dimension, got a 0-d tensor");
   TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
-              "dgr::gradient_penalty: grad must be floating point, got ", grad.scalar_type());
+              message("dgr::gradient_penalty: grad must be floating point, got ", grad.scalar_type()));
   int64_t D = 1;   // explicit, so that an empty batch (B = 0) still has a row length
   for (int64_t i = 1; i < grad.dim(); ++i) D *= grad.size(i);
   return grad.contiguous().view({grad.size(0), D});
@@ -30,25 +30,28 @@ at::Tensor rows_of(const at::Tensor& grad) {
 void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels, const at::Tensor& logits_replay,
                          const at::Tensor& targets) {
   TORCH_CHECK(logits_real.dim() == 2 && logits_replay.dim() == 2,
-              "dgr::replay_loss: logits must be 2-d (batch, classes), got ", logits_real.sizes(), " and ",
-              logits_replay.sizes());
-  TORCH_CHECK(logits_real.size(1) == logits_replay.size(1), "dgr::replay_loss: real and replayed logits have ",
-              logits_real.size(1), " and ", logits_replay.size(1), " classes");
+              message("dgr::replay_loss: logits must be 2-d (batch, classes), got ", logits_real.sizes(), " and ",
+                      logits_replay.sizes()));
+  TORCH_CHECK(logits_real.size(1) == logits_replay.size(1),
+              message("dgr::replay_loss: real and replayed logits have ", logits_real.size(1), " and ",
+                      logits_replay.size(1), " classes"));
   TORCH_CHECK(logits_real.size(1) > 0, "dgr::replay_loss: logits need at least one class, got 0");
   TORCH_CHECK(at::isFloatingType(logits_real.scalar_type()) && logits_real.scalar_type() == logits_replay.scalar_type(),
-              "dgr::replay_loss: logits must share one floating dtype, got ", logits_real.scalar_type(), " and ",
-              logits_replay.scalar_type());
+              message("dgr::replay_loss: logits must share one floating dtype, got ", logits_real.scalar_type(),
+                      " and ", logits_replay.scalar_type()));
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits_real.size(0) && labels.scalar_type() == at::kLong,
-              "dgr::replay_loss: labels must be int64 of shape (", logits_real.size(0), "), got ", labels.scalar_type(),
-              " ", labels.sizes());
+              message("dgr::replay_loss: labels must be int64 of shape (", logits_real.size(0), "), got ",
+                      labels.scalar_type(), " ", labels.sizes()));
   bool soft = at::isFloatingType(targets.scalar_type());
   TORCH_CHECK(soft ? targets.sizes() == logits_replay.sizes()
                    : (targets.dim() == 1 && targets.size(0) == logits_replay.size(0) && targets.scalar_type() == at::kLong),
-              "dgr::replay_loss: targets_replay must be int64 class ids of shape (", logits_replay.size(0),
-              ") or probabilities of shape ", logits_replay.sizes(), ", got ", targets.scalar_type(), " ", targets.sizes());
+              message("dgr::replay_loss: targets_replay must be int64 class ids of shape (", logits_replay.size(0),
+                      ") or probabilities of shape ", logits_replay.sizes(), ", got ", targets.scalar_type(), " ",
+                      targets.sizes()));
   for (const auto* t : {&labels, &logits_replay, &targets})
-    TORCH_CHECK(t->device() == logits_real.device(), "dgr::replay_loss: all inputs must be on ", logits_real.device(),
-                ", got one on ", t->device());
+    TORCH_CHECK(t->device() == logits_real.device(),
+                message("dgr::replay_loss: all inputs must be on ", logits_real.device(), ", got one on ",
+                        t->device()));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -136,7 +139,7 @@ acc_t ce_row(const scalar_t* x, int64_t C, const int64_t* hard, const scalar_t* 
     tsum = 0;
     for (int64_t c = 0; c < C; ++c) { tsum += acc_t(soft[c]); dot += acc_t(soft[c]) * acc_t(x[c]); }
   } else {
-    TORCH_CHECK(*hard >= 0 && *hard < C, "dgr::replay_loss: class id ", *hard, " out of range [0, ", C, ")");
+    TORCH_CHECK(*hard >= 0 && *hard < C, message("dgr::replay_loss: class id ", *hard, " out of range [0, ", C, ")"));
     dot = x[*hard];
   }
   for (int64_t c = 0; c < C; ++c) {

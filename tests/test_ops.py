@@ -197,6 +197,45 @@ def test_out_of_range_labels_stop_with_a_message(device):
     assert proc.returncode != 0 and "out of range" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
+    """A compiler that links libstdc++ into the module statically, whatever -lstdc++ asks (the lent H200's
+    did, 2026-11-28), gives the module a copy of libstdc++ whose streams never format numbers: there every
+    check whose message streamed a number crashed the process (here, on the CPU, the message stopped at the
+    number). The checks build their messages without streams (dgr::message): built by such a compiler, the
+    CPU kernels still raise, with the numbers."""
+    import shutil
+    import subprocess
+    import sys
+    for name in ("dgr.py", "setup.py", "csrc"):
+        (shutil.copytree if name == "csrc" else shutil.copy)(os.path.join(ROOT, name), tmp_path / name)
+    static_gxx = tmp_path / "static-g++"   # drops -lstdc++ and -O3 (speed), links libstdc++ statically
+    static_gxx.write_text(f"#!{sys.executable}\nimport os, re, sys\n"
+                          "args = [a for a in sys.argv[1:] if a != '-lstdc++' and not re.fullmatch('-O[0-9]', a)]\n"
+                          "os.execvp('g++', ['g++', *args, '-O0', '-static-libstdc++'])\n")
+    static_gxx.chmod(0o755)
+    env = {**os.environ, "CXX": str(static_gxx), "CC": "gcc", "DGR_NO_CUDA": "1"}
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    module = next(tmp_path.glob("dgr_ops*.so"))
+    assert "libstdc++" not in subprocess.run(["ldd", str(module)], capture_output=True, text=True).stdout
+    code = ("import torch, dgr\n"
+            "import sys; assert dgr.load_extension(required=True) and sys.modules['dgr_ops'].__file__.startswith(%r)\n"
+            "x = torch.randn(4, 10); y = torch.zeros(4, dtype=torch.long)\n"
+            "for call in [lambda: torch.ops.dgr.replay_loss_fwd(x, y, x[:, :5], y, 0.5),\n"
+            "             lambda: torch.ops.dgr.replay_loss_fwd(x[0], y, x[0], y, 0.5),\n"
+            "             lambda: torch.ops.dgr.replay_loss_fwd(x, y[:3], x, y, 0.5),\n"
+            "             lambda: torch.ops.dgr.replay_loss_fwd(x, y + 10, x[:0], y[:0], 1.0)]:\n"
+            "    try:\n        call()\n    except RuntimeError as e:\n        print(str(e).splitlines()[0])\n"
+            % str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [
+        "dgr::replay_loss: real and replayed logits have 10 and 5 classes",
+        "dgr::replay_loss: logits must be 2-d (batch, classes), got [10] and [10]",
+        "dgr::replay_loss: labels must be int64 of shape (4), got Long [3]",
+        "dgr::replay_loss: class id 10 out of range [0, 10)"]
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_works_under_torch_compile(device):
     """The fake kernels let torch.compile trace through both ops without a graph break (on CUDA with

@@ -105,7 +105,8 @@ at::Tensor gradient_penalty_cuda(const at::Tensor& grad, double lam) {
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor g = rows_of(grad);
   const int64_t B = g.size(0), D = g.size(1);
-  TORCH_CHECK(B <= INT32_MAX, "dgr::gradient_penalty: at most 2^31-1 rows on CUDA (one block each), got ", B);
+  TORCH_CHECK(B <= INT32_MAX,
+              message("dgr::gradient_penalty: at most 2^31-1 rows on CUDA (one block each), got ", B));
   at::Tensor loss = at::empty({}, g.options());
   if (B == 0) return loss.zero_();
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -128,7 +129,7 @@ at::Tensor gradient_penalty_backward_cuda(const at::Tensor& grad_out, const at::
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor g = rows_of(grad);
   const int64_t B = g.size(0), D = g.size(1);
-  TORCH_CHECK(B <= INT32_MAX, "dgr::gradient_penalty_backward: at most 2^31-1 rows on CUDA, got ", B);
+  TORCH_CHECK(B <= INT32_MAX, message("dgr::gradient_penalty_backward: at most 2^31-1 rows on CUDA, got ", B));
   at::Tensor out = at::empty_like(g);
   if (B == 0) return out.view(grad.sizes());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -194,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cuda(const at::Te
   at::Tensor d_real = at::empty_like(lr), d_rep = at::empty_like(lp);
   at::Tensor loss = at::empty({}, lr.options());
   const int64_t Br = lr.size(0), Bp = lp.size(0), C = lr.size(1), rows = Br + Bp;
-  TORCH_CHECK(rows / (kThreads / 32) < INT32_MAX, "dgr::replay_loss: too many rows for one grid, got ", rows);
+  TORCH_CHECK(rows / (kThreads / 32) < INT32_MAX, message("dgr::replay_loss: too many rows for one grid, got ", rows));
   if (rows == 0) return {loss.zero_(), d_real, d_rep};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lr.scalar_type(), "replay_loss_cuda", [&] {
