@@ -69,7 +69,7 @@ class Args:
     device: str = arg("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     impl: str = arg("auto", "losses: fused C++/CUDA op (ext), PyTorch (torch), auto: ext if it loads",
                     ("auto", "ext", "torch"))
-    graphs: str = arg("off", "whole steps as CUDA graphs: on, off, auto (on with CUDA); off until its test passes on a GPU",
+    graphs: str = arg("auto", "whole steps as CUDA graphs: auto (on with CUDA, off on the CPU), on, off",
                       ("auto", "on", "off"))
     tasks: int = arg(0, "number of permuted-MNIST tasks (0: the preset's)")
     solver_iters: int = arg(0, "solver steps per task (0: the preset's)")
