@@ -208,7 +208,7 @@ def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
     import sys
     for name in ("dgr.py", "setup.py", "csrc"):
         (shutil.copytree if name == "csrc" else shutil.copy)(os.path.join(ROOT, name), tmp_path / name)
-    static_gxx = tmp_path / "static-g++"   # drops -lstdc++ and -O3 (speed), links libstdc++ statically
+    static_gxx = tmp_path / "static-g++"   # links libstdc++ statically even if asked for -lstdc++; -O0 for speed
     static_gxx.write_text(f"#!{sys.executable}\nimport os, re, sys\n"
                           "args = [a for a in sys.argv[1:] if a != '-lstdc++' and not re.fullmatch('-O[0-9]', a)]\n"
                           "os.execvp('g++', ['g++', *args, '-O0', '-static-libstdc++'])\n")
@@ -235,6 +235,7 @@ def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
         "dgr::replay_loss: logits must be 2-d (batch, classes), got [10] and [10]",
         "dgr::replay_loss: labels must be int64 of shape (4), got Long [3]",
         "dgr::replay_loss: class id 10 out of range [0, 10)"]
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_works_under_torch_compile(device):
