@@ -871,6 +871,18 @@ def run_plan(exp: str, v: Variant, b: Budget) -> list[dict[str, int]]:
             task_plan(b, i > 0 and replays, v.generative and (i < n - 1 or last_generator)) for i in range(n)]
 
 
+def steps_done(plans: list[dict[str, int]], stage: int, step: int, b: Budget) -> dict[str, int]:
+    """Steps by kind that a run resumed at task `stage`, `step` steps into it, has already done (its
+    position counts solver steps, then generator steps; an LwF head warm-up is over once step > 0)."""
+    done = collections.Counter(add_plans(plans[:stage]))
+    plan = plans[stage] if step and stage < len(plans) else {}
+    for kind, n in plan.items():
+        generator = "generator" in kind
+        done[kind] += (n if kind == "solver" and "replay solver" in plan else   # the warm-up
+                       max(0, step - b.solver_iters) if generator else min(step, n))
+    return dict(done)
+
+
 def trains_generator(plan: dict[str, int]) -> bool:
     return bool(plan.get("generator") or plan.get("replay generator"))
 
@@ -1124,19 +1136,23 @@ def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, rep
     return costs
 
 
-def expected_time(exp: str, b: Budget, variants: list[str], device) -> tuple[float, dict[str, float]]:
-    """Expected seconds of runs of `variants` (one entry per run) and the step costs it rests on."""
+def expected_time(exp: str, b: Budget, variants: list[str], device, at: list | None = None) -> tuple[float, dict[str, float]]:
+    """Expected seconds of runs of `variants` (one entry per run; `at`: where each resumes, (stage, step))
+    and the step costs it rests on."""
     if not variants:
         return 0.0, {}
     shape = (1, 28, 28) if exp in MNIST28_EXPERIMENTS else (3, 32, 32)
     generative = any(VARIANTS[v].generative for v in variants)
     costs = step_costs(shape, b, device, generative, n_heads=2 if exp == "lwf" else 1)
-    return sum(run_seconds(exp, v, b, costs) for v in variants), costs
+    return sum(run_seconds(exp, v, b, costs, a) for v, a in zip(variants, at or [(0, 0)] * len(variants))), costs
 
 
-def run_seconds(exp: str, variant: str, b: Budget, costs: dict[str, float]) -> float:
-    """Expected seconds of one run, from the step costs."""
-    return sum(n * costs[kind] for kind, n in add_plans(run_plan(exp, VARIANTS[variant], b)).items())
+def run_seconds(exp: str, variant: str, b: Budget, costs: dict[str, float], at: tuple[int, int] = (0, 0)) -> float:
+    """Expected seconds of one run from the step costs; from task at[0], at[1] steps into it, if resumed."""
+    plans = run_plan(exp, VARIANTS[variant], b)
+    left = collections.Counter(add_plans(plans))
+    left.subtract(steps_done(plans, *at, b))
+    return sum(n * costs[kind] for kind, n in left.items() if n > 0)
 
 
 def makespan(seconds: list[float], jobs: int) -> float:
@@ -1187,6 +1203,7 @@ class Checkpoint:
     def __init__(self, path: str, every: int = 0, fingerprint: dict | None = None):
         self.path, self.every, self.fingerprint = path, every, fingerprint or {}
         self.started, self.earlier = time.time(), 0.0
+        self.at = (0, 0)   # where the saved run stands, (stage, step), once loaded
 
     def save(self, run: Run, b: Budget) -> None:
         state = run.state_dict()
@@ -1211,7 +1228,7 @@ class Checkpoint:
             raise ValueError(f"checkpoint {self.path} is unreadable ({type(e).__name__})") from None
         if fingerprint != self.fingerprint:
             raise ValueError(f"checkpoint {self.path} {other_run(fingerprint, self.fingerprint)}")
-        self.earlier = saved["elapsed"]
+        self.earlier, self.at = saved["elapsed"], (state["stage"], state["step"])
         return state
 
 
@@ -1259,10 +1276,10 @@ def write_json(path: str, obj) -> None:
 # Running an experiment's runs: progress, NaN guard and checkpoints around run_one; one JSON per run.
 
 
-def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Checkpoint, stage: int):
+def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Checkpoint):
     """The on_step of a run: progress lines with ETA, finite losses at each line, checkpoints."""
     progress = Progress(label, add_plans(plans), costs)
-    progress.skip(add_plans(plans[:stage]))
+    progress.skip(steps_done(plans, *checkpoint.at, b))
     log_every = max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
 
     def on_step(run: Run, task: Task, phase: str, step: int, info: dict) -> None:
@@ -1299,7 +1316,7 @@ def run_experiment(exp: str, args: Args, device, b: Budget, folder: str, runs: l
             state = checkpoint.load()
             if state is not None:
                 print(f"resuming from {checkpoint.path} at {position(state['stage'], state['step'], b)}", flush=True)
-            on_step = watch(label, run_plan(exp, VARIANTS[variant], b), costs, b, checkpoint, state["stage"] if state else 0)
+            on_step = watch(label, run_plan(exp, VARIANTS[variant], b), costs, b, checkpoint)
             result = run_one(exp, variant, seed, args, data, b, on_step=on_step, state=state)
             samples = result.pop("samples")
             result.update(exp=exp, variant=variant, name=VARIANTS[variant].label(exp), seed=seed,
@@ -1531,10 +1548,11 @@ def check_writable(folder: str) -> None:
 
 def announce(exp: str, b: Budget, runs: list, device) -> tuple[float, dict[str, float]]:
     """Print the runs to do and their expected time (from step costs timed here); return both."""
-    seconds, costs = expected_time(exp, b, [variant for variant, *_ in runs], device)
+    seconds, costs = expected_time(exp, b, [variant for variant, *_ in runs], device, [ck.at for *_, ck in runs])
     if runs:
         per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())
-        print(f"{exp}: {len(runs)} run(s) to do, expected about {fmt_seconds(seconds)} on {machine_name(device)} "
+        resumed = sum(ck.at != (0, 0) for *_, ck in runs)
+        print(f"{exp}: {len(runs)} run(s) to do{f' ({resumed} resumed)' if resumed else ''}, expected about {fmt_seconds(seconds)} on {machine_name(device)} "
               f"(per step: {per_step}; a generator step includes its {b.n_critic} critic steps)", flush=True)
     else:
         print(f"{exp}: nothing to do", flush=True)
@@ -1617,8 +1635,8 @@ def main(argv: list[str] | None = None) -> int:
         if jobs > 1 and device.type == "cpu":   # each run's share of the cores; its steps are timed so
             torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
         expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
-        per_run = [(run_seconds(exp, variant, b, expected[exp][1]), exp, variant, seed)
-                   for exp, (b, _, runs) in planned.items() for variant, seed, _, _ in runs]
+        per_run = [(run_seconds(exp, variant, b, expected[exp][1], checkpoint.at), exp, variant, seed)
+                   for exp, (b, _, runs) in planned.items() for variant, seed, _, checkpoint in runs]
         if jobs > 1:
             print(f"expected in all with --jobs {jobs} (runs at once, {torch.get_num_threads()} thread(s) each): about "
                   f"{fmt_seconds(makespan([seconds for seconds, *_ in per_run], jobs))}", flush=True)

@@ -526,6 +526,34 @@ def test_eta_is_right_from_the_first_generator_line():
     assert abs(eta - left) / left < 0.25, (eta, left)
 
 
+def test_a_resumed_run_is_timed_from_where_it_stands():
+    """Resumed mid-task (task 2 of split GR, 20 generator steps in; task 2 of LwF, past its head warm-up),
+    the expected time and the ETA count only the steps left, and the ETA reaches 0 at the run's end."""
+    costs = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40}
+    for exp, at, done_in_task in (("split", lambda b: (1, b.solver_iters + 20), {"replay solver": None, "replay generator": 20}),
+                                  ("lwf", lambda b: (1, 30), {"solver": None, "replay solver": 30})):
+        b = dgr.PAPER[exp]
+        plans = dgr.run_plan(exp, dgr.VARIANTS["gr"], b)
+        done = dgr.steps_done(plans, *at(b), b)
+        expected = dgr.add_plans(plans[:1])
+        for kind, n in done_in_task.items():
+            expected[kind] = expected.get(kind, 0) + (plans[1][kind] if n is None else n)
+        assert done == expected
+        left = {kind: n - done.get(kind, 0) for kind, n in dgr.add_plans(plans).items()}
+        seconds = sum(n * costs[kind] for kind, n in left.items())
+        assert dgr.run_seconds(exp, "gr", b, costs, at(b)) == pytest.approx(seconds)
+        assert seconds < dgr.run_seconds(exp, "gr", b, costs)
+        clock = FakeClock()
+        progress = dgr.Progress("sim", dgr.add_plans(plans), costs, clock=clock)
+        progress.skip(done)
+        assert progress.eta() == pytest.approx(seconds)
+        for kind, n in left.items():
+            for _ in range(n):
+                clock.now += costs[kind]
+                progress.advance(kind)
+        assert progress.eta() == 0
+
+
 def test_budget_overrides_reach_the_scholar():
     args = dgr.parse_args(["--exp", "split", "--preset", "paper",
                            "--budget", "gan=mlp,width=32,gen_lr=2e-4,critic_lr=4e-4,n_critic=3"])
