@@ -43,9 +43,11 @@ declare -A POINTS=(
   [permuted-mlp256-g3000-s5000]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
   [permuted-mlp256-g3000-s2500-distill]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
   # the permuted fast preset (gen_ema=0.99 since 2026-11-28) with one change: the solver's lr 3e-4 (the noise of hard
-  # labels on generated inputs averaged over more steps), or the GAN's batch 128 (its samples)
+  # labels on generated inputs averaged over more steps), or the GAN's batch 128 (its samples), ...
   [permuted-mlp256-g3000-s5000-ema-lr3e-4]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine,gen_ema=0.99,solver_lr=3e-4"
   [permuted-mlp256-g3000-s5000-ema-gb128]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine,gen_ema=0.99,gen_batch=128"
+  # ... or a solver of van de Ven et al.'s width (784-1000-1000-10: the capacity to fit the old solver's argmax)
+  [permuted-mlp256-g3000-s5000-ema-h1000]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine,gen_ema=0.99,hidden=1000"
   # chain (Table 1), 5 links: the fast preset's GAN (width 256, 3000 steps) twice as wide, or trained twice as long.
   # The point chain-mlp256-g3000 (the fast budget) is not run here: it is the GR run of reproduce.sh at commit 59324be
   # (reference/fast/chain/gr_seed0.json, one thread beside another run), copied; its --preset is fast.
@@ -78,7 +80,8 @@ SHARED = {"permuted-mlp256-g3000-s5000", "permuted-mlp256-g3000-s2500-distill", 
           "mlp128-g3000-c3-s1000-lr3e-4-cos", "mlp256-g1500-c3-s1000-lr3e-4-cos",
           "mlp128-g1500-c3-s1000-lr3e-4-cos-drop0.2", "mlp128-g1500-c3-s1000-lr3e-4-cos-h1000-drop0.3",
           "chain-mlp256-g3000", "chain-mlp256-g6000", "chain-mlp512-g3000",
-          "permuted-mlp256-g3000-s5000-ema-lr3e-4", "permuted-mlp256-g3000-s5000-ema-gb128"}
+          "permuted-mlp256-g3000-s5000-ema-lr3e-4", "permuted-mlp256-g3000-s5000-ema-gb128",
+          "permuted-mlp256-g3000-s5000-ema-h1000"}
 points = []
 for path in sorted(glob.glob("reference/frontier/*/*/gr*_seed0.json")):
     res = json.load(open(path))
