@@ -42,8 +42,8 @@ declare -A POINTS=(
   [permuted-mlp256-g3000-s2500]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
   [permuted-mlp256-g3000-s5000]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
   [permuted-mlp256-g3000-s2500-distill]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_iters=2500,solver_schedule=cosine"
-  # the permuted fast preset (gen_ema=0.99 since 2026-11-28) with one change: the solver's lr 3e-4 (the noise of hard
-  # labels on generated inputs averaged over more steps), or the GAN's batch 128 (its samples), ...
+  # the permuted fast preset of 2026-11-28 (gen_ema=0.99, GAN batch 64) with one change: the solver's lr 3e-4 (the noise of hard
+  # labels on generated inputs averaged over more steps), or the GAN's batch 128 (its samples; the preset since 2026-12-03), ...
   [permuted-mlp256-g3000-s5000-ema-lr3e-4]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine,gen_ema=0.99,solver_lr=3e-4"
   [permuted-mlp256-g3000-s5000-ema-gb128]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine,gen_ema=0.99,gen_batch=128"
   # ... or a solver of van de Ven et al.'s width (784-1000-1000-10: the capacity to fit the old solver's argmax)
