@@ -136,7 +136,7 @@ PAPER = {
 # split, chain and permuted replay the running average of their generator's weights (gen_ema, 3 seeds each,
 # README: split +0.3 points, chain's solver 5 +0.1 (GR) and +0.07 (GR+distill), permuted GR +0.2). split's and
 # permuted's GANs train on batches of 128 (3 seeds: split GR +0.29, GR+distill +0.20, for 1.4x the run's time;
-# permuted GR +0.46, GR+distill +0.03); chain's keeps 64 (3 seeds: solver 5 +0.15, +0.12).
+# permuted GR +0.46, GR+distill +0.03); chain's keeps 64 (3 seeds: solver 5 +0.15, +0.12, for 1.47x).
 # The CNN solver (SVHN) costs 0.1-0.25 s per step on 2 cores.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
 FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)   # chain, permuted: ten digits
