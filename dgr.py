@@ -137,7 +137,7 @@ PAPER = {
 # README: split +0.3 points, chain's solver 5 +0.1 (GR) and +0.07 (GR+distill), permuted GR +0.2). split's and
 # permuted's GANs train on batches of 128 (3 seeds: split GR +0.29, GR+distill +0.20, for 1.4x the run's time;
 # permuted GR +0.46, GR+distill +0.03); chain's keeps 64 (3 seeds: solver 5 +0.15, +0.12, for 1.47x).
-# split's GAN learns at 4x the lr (8e-4 / 1.6e-3; 3 seeds: GR +1.26 at no cost; 2x +0.95, 8x +1.35, 16x less);
+# split's GAN learns at 4x the lr (8e-4 / 1.6e-3; 3 seeds: GR +1.26 at no cost; 2x +0.94, 8x +1.35, 16x less);
 # chain's wider GAN lost 0.65 on solver 5 by the same change (one seed) and keeps 2e-4 / 4e-4, as the others.
 # The CNN solver (SVHN) costs 0.1-0.25 s per step on 2 cores.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
