@@ -139,7 +139,7 @@ PAPER = {
 # permuted GR +0.46, GR+distill +0.03); chain's keeps 64 (3 seeds: solver 5 +0.15, +0.12, for 1.47x).
 # split's GAN learns at 4x the lr (8e-4 / 1.6e-3; 3 seeds: GR +1.26 at no cost; 2x +0.94, 8x +1.35, 16x less);
 # permuted's learns at 2x (4e-4 / 8e-4; 3 seeds: GR +0.46, GR+distill +0.05; 4x +0.64 for GR at one seed);
-# at seed 0, width 384 gained nothing and half the steps at 4x lost 0.43 (at batch 256: 0.28);
+# permuted at seed 0: width 384 gained nothing, half the steps at 4x lost 0.43 (at batch 256: 0.28);
 # chain's wider GAN lost 0.65 on solver 5 at 4x (one seed) and moved +0.06 at 2x (3 seeds, sd 0.19;
 # GR+distill +0.04): it keeps 2e-4 / 4e-4, as the others.
 # The CNN solver (SVHN) costs 0.1-0.25 s per step on 2 cores.
