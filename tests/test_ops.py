@@ -414,3 +414,21 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(r["fused_ms"] > 0 and "compiled_ms" not in r for r in rows[-3:])
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert md.count("\n| ") == len(rows) + 1   # the header row and one line per row
+
+
+def test_seeds_grouped_into_one_gan_train_as_each_seed_alone(tmp_path):
+    """reference/bench/seeds_grouped.py (#11's lever for seeds in parallel, timed by .ci/gpu-check): K
+    seeds' DCGANs grouped into one network take the same critic and generator steps as each seed's
+    dgr.critic_step and dgr.generator_step (float64, the same random draws: --check exits 1 otherwise),
+    and its timing path runs and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+    script = os.path.join(ROOT, "reference", "bench", "seeds_grouped.py")
+    proc = subprocess.run([sys.executable, script, "--check"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "largest difference" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--seeds", "2", "--batch", "4", "--reps", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row, = json.load(open(tmp_path / "seeds_grouped.json"))["rows"]
+    assert row["seeds"] == 2 and row["grouped critic ms"] > 0 and row["grouped / one seed, GAN iteration"] > 0
