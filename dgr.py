@@ -98,6 +98,7 @@ class Budget:
     dropout: float = 0.0          # solver: dropout after each hidden layer (0: none)
     cnn_channels: int = 32        # CNN solver channels (32-64) for 32x32x3 inputs
     n_tasks: int = 10             # permuted MNIST tasks
+    chain_init: str = "fresh"     # chain: a link's scholar starts from fresh weights, or from the previous link's
     warmup_iters: int = 0         # LwF: steps training the new head alone before fine-tuning all
     sample_at: tuple = ()         # generator steps at which sample grids are saved (Fig. 4)
     z_dim: int = 100
@@ -170,7 +171,7 @@ for _exp in ("mnist-svhn", "svhn-mnist"):
     QUICK[_exp] = Budget(**{**QUICK_COMMON, "sample_at": (10, 20, 40, 60)})
 PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
-                  "gan_schedule": ("constant", "cosine")}
+                  "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous")}
 
 
 def budget_overrides(text: str) -> dict:
@@ -805,7 +806,7 @@ def learn(exp: str, v: Variant, tasks: list[Task], args: Args, b: Budget, *, on_
         task, run.stage = tasks[i], i
         if run.step == 0:   # the task begins: the scholar so far becomes the old one
             run.old = run.scholar.frozen_copy() if i > 0 and v.replays(exp) else None
-            if chain and i > 0:   # each link learns from scratch
+            if chain and i > 0 and b.chain_init == "fresh":   # the link learns from scratch
                 run.scholar = new_scholar()
                 run.opts = run.scholar.optimizers(b)
         pool = [t.x_train for t in (tasks[i - 1:i] if chain else tasks[:i])]

@@ -107,6 +107,26 @@ def test_chain_link_learns_only_from_the_previous_link(tmp_path, monkeypatch):
     assert gen_r == {1: {1.0}, 2: {0.0}, 3: {0.0}, 4: {0.0}}   # the last link's generator serves no one
 
 
+@pytest.mark.parametrize("init", ["fresh", "previous"])
+def test_chain_links_start_fresh_or_from_the_previous_link(tmp_path, monkeypatch, init):
+    """--budget chain_init: a link's scholar starts from new weights (fresh, the default: only the samples
+    and labels pass knowledge on) or continues the previous link's (previous: its solver's first step
+    starts from the weights that the replayed, frozen scholar holds)."""
+    starts = {}   # the old scholar of each link -> (the scholar trained, its solver's weights before step 1)
+
+    def before_solver_step(a):
+        old = a["replay"].old
+        if a["task"].name != "calibration" and id(old) not in starts:
+            starts[id(old)] = (a["s"], weights(a["s"].solver), old)
+    spy(monkeypatch, dgr, "solver_step", None, before=before_solver_step)
+    run_main(tmp_path, "--exp", "chain", "--variants", "gr", "--budget", f"chain_init={init}")
+    links = list(starts.values())
+    assert len(links) == 5 and links[0][2] is None
+    for scholar, start, old in links[1:]:
+        assert (scholar is links[0][0]) == (init == "previous")
+        assert torch.equal(start, weights(old.solver)) == (init == "previous")
+
+
 def test_chain_gr_passes_knowledge_down_the_links(tmp_path):
     """A small MLP GAN (300 steps per link, ~30 s on 2 cores): every link answers far above chance (10 %)
     from samples alone (seed 0 measured 87.1, 78.6, 75.3, 71.7, 67.8). The quick preset's width-8 conv
