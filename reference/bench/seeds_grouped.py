@@ -28,7 +28,7 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import dgr  # noqa: E402
-from bench_ops import captured, time_ms  # noqa: E402
+from bench_ops import captured, time_ms, with_graphs  # noqa: E402
 
 
 class GroupedLinear(nn.Module):
@@ -161,8 +161,15 @@ def check(k: int = 3, n: int = 8, steps: int = 2) -> float:
     """K seeds' dgr steps one after another against the grouped steps, from the same weights and random
     state, in float64 on the CPU: the largest difference of any critic or generator weight after `steps`
     GAN iterations (each: 2 critic steps, 1 generator step)."""
-    shape, device = (1, 28, 28), torch.device("cpu")
     torch.set_default_dtype(torch.float64)   # dgr draws its noise in the default dtype
+    try:
+        return largest_difference(k, n, steps)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def largest_difference(k: int, n: int, steps: int) -> float:
+    shape, device = (1, 28, 28), torch.device("cpu")
     seeds, g, d = scholars(k, shape, device, torch.float64)
     b = dgr.PAPER["split"]
     opts = [s.optimizers(b) for s in seeds]
@@ -182,10 +189,9 @@ def check(k: int = 3, n: int = 8, steps: int = 2) -> float:
         gen_together = grouped_generator_step(g, d, g_opt, n)
     diffs = [(sum(alone[:k]) - together).abs().item(), (alone[k] - gen_together).abs().max().item()]
     for grouped, part in ((d, "critic"), (g, "generator")):
-        ref = type(grouped)([getattr(s, part) for s in seeds]).to(torch.float64)
-        for (name, a), (_, b_) in zip(grouped.state_dict().items(), ref.state_dict().items()):
+        ref = type(grouped)([getattr(s, part) for s in seeds])   # the seeds trained alone, grouped
+        for a, b_ in zip(grouped.state_dict().values(), ref.state_dict().values()):
             diffs.append((a - b_).abs().max().item())
-    torch.set_default_dtype(torch.float32)
     return max(diffs)
 
 
@@ -193,35 +199,33 @@ def bench(device, ks, batch: int, reps: int) -> list:
     """Graphed ms per step at batch `batch` (1x28x28, the paper's DCGAN): dgr's own steps for one seed, and
     the grouped steps for each K."""
     shape, b, rows = (1, 28, 28), dgr.PAPER["split"], []
+
     def graphed_ms(fn):
         graph = captured(fn, device)
-        graph()
+        graph()   # eager warm-up 1 of 3; time_ms warms up twice more and captures
         return time_ms(graph, device, reps)
 
     (s,), _, _ = scholars(1, shape, device)
-    dgr.GRAPHS["on"] = True   # capturable Adam, as --graphs on builds it
-    try:
-        opts = s.optimizers(b)
-        x = torch.rand(batch, *shape, device=device) * 2 - 1
-        one = {"critic": graphed_ms(lambda: dgr.critic_step(s, opts["critic"], x, b.lam)),
-               "generator": graphed_ms(lambda: dgr.generator_step(s, opts["generator"], batch))}
-        for k in ks:
-            _, g, d = scholars(k, shape, device)
-            g_opt, d_opt = dgr.adam(g, b.gen_lr, (0.5, 0.9)), dgr.adam(d, b.effective_critic_lr, (0.5, 0.9))
-            xk = torch.rand(batch, k * shape[0], *shape[1:], device=device) * 2 - 1
-            ms = {"critic": graphed_ms(lambda: grouped_critic_step(g, d, d_opt, xk, b.lam)),
-                  "generator": graphed_ms(lambda: grouped_generator_step(g, d, g_opt, batch))}
-            row = {"seeds": k, "batch": batch, "one seed critic ms": one["critic"],
-                   "one seed generator ms": one["generator"], "grouped critic ms": ms["critic"],
-                   "grouped generator ms": ms["generator"]}
-            iteration = lambda t: b.n_critic * t["critic"] + t["generator"]   # noqa: E731
-            row["grouped / one seed, GAN iteration"] = iteration(ms) / iteration(one)
-            rows.append(row)
-            print(f"K = {k}: critic {ms['critic']:.3f} ms (one seed {one['critic']:.3f}), generator "
-                  f"{ms['generator']:.3f} ms (one seed {one['generator']:.3f}); a GAN iteration for {k} seeds "
-                  f"grouped costs {row['grouped / one seed, GAN iteration']:.2f}x one seed's", flush=True)
-    finally:
-        dgr.GRAPHS["on"] = False
+    opts = with_graphs(True, lambda: s.optimizers(b))   # capturable Adam, as --graphs on builds it
+    x = torch.rand(batch, *shape, device=device) * 2 - 1
+    one = {"critic": graphed_ms(lambda: dgr.critic_step(s, opts["critic"], x, b.lam)),
+           "generator": graphed_ms(lambda: dgr.generator_step(s, opts["generator"], batch))}
+    for k in ks:
+        _, g, d = scholars(k, shape, device)
+        g_opt, d_opt = with_graphs(True, lambda: (dgr.adam(g, b.gen_lr, (0.5, 0.9)),
+                                                  dgr.adam(d, b.effective_critic_lr, (0.5, 0.9))))
+        xk = torch.rand(batch, k * shape[0], *shape[1:], device=device) * 2 - 1
+        ms = {"critic": graphed_ms(lambda: grouped_critic_step(g, d, d_opt, xk, b.lam)),
+              "generator": graphed_ms(lambda: grouped_generator_step(g, d, g_opt, batch))}
+        row = {"seeds": k, "batch": batch, "one seed critic ms": one["critic"],
+               "one seed generator ms": one["generator"], "grouped critic ms": ms["critic"],
+               "grouped generator ms": ms["generator"]}
+        iteration = lambda t: b.n_critic * t["critic"] + t["generator"]   # noqa: E731
+        row["grouped / one seed, GAN iteration"] = iteration(ms) / iteration(one)
+        rows.append(row)
+        print(f"K = {k}: critic {ms['critic']:.3f} ms (one seed {one['critic']:.3f}), generator "
+              f"{ms['generator']:.3f} ms (one seed {one['generator']:.3f}); a GAN iteration for {k} seeds "
+              f"grouped costs {row['grouped / one seed, GAN iteration']:.2f}x one seed's", flush=True)
     return rows
 
 
