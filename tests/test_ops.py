@@ -353,14 +353,16 @@ def test_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("source", ["generator", "stored"])
-def test_graphed_training_equals_eager_training(device, source, monkeypatch, float64_default):
+@pytest.mark.parametrize("gan", ["conv", "mlp"])
+def test_graphed_training_equals_eager_training(device, source, gan, monkeypatch, float64_default):
     """train_task with whole steps captured as CUDA graphs (--graphs on) learns what eager steps learn,
     random numbers included (drawn inside the graph, from the same generator), with GR's replay and with
     ER's (real past inputs drawn on the device). In float64 with cuDNN
     deterministic, so that only rounding differs (fused Adam on CUDA either way), far below what 18 steps
     amplify (in float32, Adam turns the rounding of a near-zero gradient into an lr-sized step, and
-    cuDNN's default algorithms are not deterministic). On the CPU graphs are off whatever GRAPHS says."""
-    b = dgr.Budget(solver_iters=12, gen_iters=6, n_critic=2, batch=32, gen_batch=16, width=8, hidden=32,
+    cuDNN's default algorithms are not deterministic). Both GANs: the DCGAN and the fully connected one
+    (paper permuted's). On the CPU graphs are off whatever GRAPHS says."""
+    b = dgr.Budget(solver_iters=12, gen_iters=6, n_critic=2, batch=32, gen_batch=16, gan=gan, width=8, hidden=32,
                    solver_schedule="cosine")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
