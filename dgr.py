@@ -1656,14 +1656,15 @@ def main(argv: list[str] | None = None) -> int:
         expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
         per_run = [(run_seconds(exp, variant, b, expected[exp][1], checkpoint.at), exp, variant, seed)
                    for exp, (b, _, runs) in planned.items() for variant, seed, _, checkpoint in runs]
-        if jobs > 1 and device.type == "cpu":
-            print(f"expected in all with --jobs {jobs} (runs at once, {torch.get_num_threads()} thread(s) each): about "
-                  f"{fmt_seconds(makespan([seconds for seconds, *_ in per_run], jobs))}", flush=True)
-        elif jobs > 1:   # runs at once share one GPU: somewhere between these (H200, MPS: 5m19s for 3m41s..8m39s)
-            print(f"expected in all with --jobs {jobs} (runs at once sharing one GPU): between about "
-                  f"{fmt_seconds(makespan([seconds for seconds, *_ in per_run], jobs))} (if they did not slow each "
-                  f"other down) and {fmt_seconds(sum(seconds for seconds, *_ in per_run))} (one after another)",
-                  flush=True)
+        if jobs > 1:
+            at_once = fmt_seconds(makespan([seconds for seconds, *_ in per_run], jobs))
+            if device.type == "cpu":
+                print(f"expected in all with --jobs {jobs} (runs at once, {torch.get_num_threads()} thread(s) each): "
+                      f"about {at_once}", flush=True)
+            else:   # runs at once share one GPU: somewhere between these (H200, MPS: 5m19s for 3m41s..8m39s)
+                print(f"expected in all with --jobs {jobs} (runs at once sharing one GPU): between about {at_once} "
+                      f"(if they did not slow each other down) and "
+                      f"{fmt_seconds(sum(seconds for seconds, *_ in per_run))} (one after another)", flush=True)
         elif len(planned) > 1:
             print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
         if args.estimate:
