@@ -177,6 +177,25 @@ for _exp in ("mnist-svhn", "svhn-mnist"):
 PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
                   "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous")}
+# the numeric fields that may be 0 (the other counts are >= 1, the other rates > 0)
+BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda", "gen_ema", "dropout")
+
+
+def budget_range_error(name: str, value) -> str | None:
+    """Why `value` is out of range for the Budget field `name`, or None."""
+    if isinstance(value, str):
+        return None
+    if isinstance(value, tuple):
+        return None if all(v >= 1 for v in value) else f"{name} takes steps >= 1, got {value}"
+    if name in ("gen_ema", "dropout"):
+        ok, want = 0 <= value < 1, "in [0, 1)"
+    elif name in BUDGET_MAY_BE_ZERO:
+        ok, want = value >= 0, ">= 0"
+    elif isinstance(value, int):
+        ok, want = value >= 1, ">= 1"
+    else:
+        ok, want = value > 0, "> 0"
+    return None if ok and math.isfinite(value) else f"{name} is {want}, got {value}"
 
 
 def budget_overrides(text: str) -> dict:
@@ -193,8 +212,8 @@ def budget_overrides(text: str) -> dict:
             raise ValueError(f"{name} takes a {fields[name].__name__}, got {value!r}") from None
         if out[name] not in BUDGET_CHOICES.get(name, (out[name],)):
             raise ValueError(f"{name} is {' or '.join(BUDGET_CHOICES[name])}, got {value!r}")
-        if name == "gen_ema" and not 0 <= out[name] < 1:
-            raise ValueError(f"gen_ema is a decay in [0, 1), got {value!r}")
+        if (why := budget_range_error(name, out[name])):
+            raise ValueError(why)
     return out
 
 
@@ -266,6 +285,14 @@ def load_svhn(data_dir: str, device):
         out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
                 torch.from_numpy(ds.labels).long().to(device)]
     return tuple(out)
+
+
+def datasets_present(exp: str, data_dir: str) -> bool:
+    """Whether the files of every dataset `exp` reads are in data_dir (torchvision's layout)."""
+    paths = [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
+    if exp not in MNIST28_EXPERIMENTS:
+        paths += [os.path.join(data_dir, "SVHN", f) for f in SVHN_FILES]
+    return all(os.path.exists(p) for p in paths)
 
 
 def make_task(name, data, b: Budget, seed: int, head: int = 0, transform=None, classes=None) -> Task:
@@ -1647,8 +1674,13 @@ def main(argv: list[str] | None = None) -> int:
             b = budget_for(args, exp)
             planned[exp] = (b, os.path.join(args.out, exp), plan_runs(exp, args, b, os.path.join(args.out, exp)))
         if not args.estimate:   # every refusal (exit 2) before anything heavy starts
-            for b, folder, runs in planned.values():
+            for exp, (b, folder, runs) in planned.items():
                 check_writable(folder)
+                if runs and not datasets_present(exp, args.data_dir):   # download now, or refuse before timing
+                    try:
+                        load_data(exp, args, torch.device("cpu"))
+                    except FileNotFoundError as e:
+                        raise UsageError(str(e)) from None
         n_runs = sum(len(runs) for _, _, runs in planned.values())
         jobs = min(args.jobs, n_runs)
         if jobs > 1 and device.type == "cpu":   # each run's share of the cores; its steps are timed so

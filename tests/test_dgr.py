@@ -354,6 +354,12 @@ def test_solver_step_uses_old_solver_labels(old_scholar, mnist):
     (["--budget", "width=wide"], "--budget: width takes a int, got 'wide'"),
     (["--device", "cpu", "--graphs", "on"], "--graphs on: CUDA graphs need a CUDA device, not cpu"),
     (["--budget", "depth=3"], "--budget: 'depth=3' is not name=value with a name among solver_iters"),
+    (["--budget", "gen_iters=-1"], "--budget: gen_iters is >= 1, got -1"),
+    (["--budget", "batch=0"], "--budget: batch is >= 1, got 0"),
+    (["--budget", "gen_lr=0"], "--budget: gen_lr is > 0, got 0.0"),
+    (["--budget", "dropout=1"], "--budget: dropout is in [0, 1), got 1.0"),
+    (["--budget", "lam=nan"], "--budget: lam is >= 0, got nan"),
+    (["--budget", "sample_at=0:10"], "--budget: sample_at takes steps >= 1, got (0, 10)"),
 ])
 def test_bad_input_exits_2_with_message(argv, message, tmp_path):
     proc = run_dgr(*argv, "--out", str(tmp_path))
@@ -366,6 +372,7 @@ def test_missing_data_offline_names_folder_and_files(tmp_path):
     proc = run_dgr("--exp", "split", "--preset", "quick", "--out", str(tmp_path / "out"), data_dir=str(tmp_path / "empty"),
                    patches=("offline",))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "to do" not in proc.stdout   # refused before the steps are timed for the estimate
     assert str(tmp_path / "empty") in proc.stderr and "train-images-idx3-ubyte" in proc.stderr
     assert not os.path.exists(tmp_path / "empty" / "MNIST")     # the failed download leaves nothing behind
 
@@ -375,7 +382,7 @@ def test_missing_svhn_names_its_files(tmp_path):
     os.symlink(os.path.join(DATA, "MNIST"), tmp_path / "MNIST")
     proc = run_dgr("--exp", "lwf", "--preset", "quick", "--out", str(tmp_path / "out"), data_dir=str(tmp_path),
                    patches=("offline",))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "to do" not in proc.stdout
     assert "train_32x32.mat" in proc.stderr and str(tmp_path / "SVHN") in proc.stderr
     assert not os.path.exists(tmp_path / "SVHN")
 
@@ -571,7 +578,7 @@ def test_budget_overrides_reach_the_scholar():
     moved = [not torch.equal(p, q) for p, q in zip(before, s.critic.parameters()) if p.dim() == 2]
     assert moved == [True, True, True]   # every weight matrix (the last bias gets no gradient in WGAN)
     for decay in ("1", "-0.5"):
-        with pytest.raises(ValueError, match=r"gen_ema is a decay in \[0, 1\)"):
+        with pytest.raises(ValueError, match=r"gen_ema is in \[0, 1\)"):
             dgr.budget_overrides(f"gen_ema={decay}")
 
 
