@@ -367,6 +367,14 @@ def test_bad_input_exits_2_with_message(argv, message, tmp_path):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_device_index_beyond_the_machine_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(dgr.UsageError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        dgr.resolve_device("cuda:2")
+    assert dgr.resolve_device("cuda:1") == torch.device("cuda:1")
+
+
 def test_missing_data_offline_names_folder_and_files(tmp_path):
     """Downloads go to a port that refuses them (patched_dgr.py 'offline'): the same with or without internet."""
     proc = run_dgr("--exp", "split", "--preset", "quick", "--out", str(tmp_path / "out"), data_dir=str(tmp_path / "empty"),
