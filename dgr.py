@@ -287,14 +287,6 @@ def load_svhn(data_dir: str, device):
     return tuple(out)
 
 
-def datasets_present(exp: str, data_dir: str) -> bool:
-    """Whether the files of every dataset `exp` reads are in data_dir (torchvision's layout)."""
-    paths = [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
-    if exp not in MNIST28_EXPERIMENTS:
-        paths += [os.path.join(data_dir, "SVHN", f) for f in SVHN_FILES]
-    return all(os.path.exists(p) for p in paths)
-
-
 def make_task(name, data, b: Budget, seed: int, head: int = 0, transform=None, classes=None) -> Task:
     """A task from (x_train, y_train, x_test, y_test): optional class subset and input transform."""
     gen = torch.Generator().manual_seed(seed)
@@ -1677,13 +1669,8 @@ def main(argv: list[str] | None = None) -> int:
             b = budget_for(args, exp)
             planned[exp] = (b, os.path.join(args.out, exp), plan_runs(exp, args, b, os.path.join(args.out, exp)))
         if not args.estimate:   # every refusal (exit 2) before anything heavy starts
-            for exp, (b, folder, runs) in planned.items():
+            for b, folder, runs in planned.values():
                 check_writable(folder)
-                if runs and not datasets_present(exp, args.data_dir):   # download now, or refuse before timing
-                    try:
-                        load_data(exp, args, torch.device("cpu"))
-                    except FileNotFoundError as e:
-                        raise UsageError(str(e)) from None
         n_runs = sum(len(runs) for _, _, runs in planned.values())
         jobs = min(args.jobs, n_runs)
         if jobs > 1 and device.type == "cpu":   # each run's share of the cores; its steps are timed so
