@@ -177,8 +177,9 @@ for _exp in ("mnist-svhn", "svhn-mnist"):
 PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
                   "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous")}
-# the numeric fields that may be 0 (the other counts are >= 1, the other rates > 0)
-BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda", "gen_ema", "dropout")
+# the numeric fields that lie in [0, 1), and those that may be 0 (the other counts are >= 1, the other rates > 0)
+BUDGET_FRACTIONS = ("gen_ema", "dropout")
+BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda")
 
 
 def budget_range_error(name: str, value) -> str | None:
@@ -187,7 +188,7 @@ def budget_range_error(name: str, value) -> str | None:
         return None
     if isinstance(value, tuple):
         return None if all(v >= 1 for v in value) else f"{name} takes steps >= 1, got {value}"
-    if name in ("gen_ema", "dropout"):
+    if name in BUDGET_FRACTIONS:
         ok, want = 0 <= value < 1, "in [0, 1)"
     elif name in BUDGET_MAY_BE_ZERO:
         ok, want = value >= 0, ">= 0"
@@ -1531,8 +1532,7 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
+    if device.type == "cuda" and (device.index or 0) >= (n := torch.cuda.device_count()):
         raise UsageError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
     return device
 
