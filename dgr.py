@@ -110,7 +110,7 @@ class Budget:
     solver_schedule: str = "constant"   # solver lr within each task: constant, or cosine (decays to 0)
     gan_schedule: str = "constant"      # generator and critic lr within each task: constant, or cosine
     gen_ema: float = 0.0          # decay of the generator's weight average that is replayed (0: the weights)
-    ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, README)
+    ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, reference/README.md)
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
     @property
@@ -123,9 +123,9 @@ class Budget:
 # 784-400-400-10 solver, batch 128 and 2000 (split) / 5000 (permuted) solver steps per task.
 # The MNIST experiments replay the running average of the generator's weights (gen_ema=0.99, not in the
 # paper; since 2026-12-04): paper split GR on an H200 gave 94.43 +- 0.41 over 5 seeds with it against
-# 92.87 +- 1.34 without (README); the fast preset gained with it on split, chain and permuted (3 seeds each).
+# 92.87 +- 1.34 without (reference/README.md); the fast preset gained with it on split, chain and permuted (3 seeds each).
 # permuted's GAN is fully connected (the fast preset's, at its lr) and its solver's lr decays by a cosine in
-# each task (since 2026-12-04, README): the DCGAN's convolutions cannot model permuted pixels (paper permuted
+# each task (since 2026-12-04, reference/README.md): the DCGAN's convolutions cannot model permuted pixels (paper permuted
 # GR 82.53 % on an H200, forgetting 12.7 points); on the CPU the fully connected GAN gave 90.93 % (seed 0), with
 # the cosine 94.10 +- 0.02 % (3 seeds; forgetting 1.9). chain's solver lr decays by a cosine in each link too
 # (since 2026-12-04): on an H200 it lifted GR's solver 5 from 93.98 and 93.11 % (seed 0, two runs) to
@@ -140,12 +140,12 @@ PAPER = {
     "lwf": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, warmup_iters=1000),
 }
 # fast: for a CPU. split's and permuted's budgets are points of the frontier of GR measured on 2 cores
-# (README, reference/frontier/): a fully connected WGAN-GP (~10x cheaper per image on a CPU than the
+# (reference/README.md, reference/frontier/): a fully connected WGAN-GP (~10x cheaper per image on a CPU than the
 # DCGAN convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed
 # by a cosine in each task. The others take the same GAN and schedule; chain's and permuted's generators,
 # which must carry all ten digits (of every permutation) to the next task, are wider and train longer.
 # split, chain and permuted replay the running average of their generator's weights (gen_ema, 3 seeds each,
-# README: split +0.3 points, chain's solver 5 +0.1 (GR) and +0.07 (GR+distill), permuted GR +0.2). split's and
+# reference/README.md: split +0.3 points, chain's solver 5 +0.1 (GR) and +0.07 (GR+distill), permuted GR +0.2). split's and
 # permuted's GANs train on batches of 128 (3 seeds: split GR +0.29, GR+distill +0.20, for 1.4x the run's time;
 # permuted GR +0.46, GR+distill +0.03); chain's keeps 64 (3 seeds: solver 5 +0.15, +0.12, for 1.47x).
 # split's trains on 256 since 2026-12-04 (3 seeds: GR +0.36, GR+distill +0.07, for 1.6x the run's time;

@@ -22,7 +22,7 @@ done
 # Runs go side by side, a process each, up to 4 (a permuted run holds ~3 GB). Without CUDA each takes a
 # share of the cores: small networks use two cores poorly, so two 1-thread runs do ~1.5x the work of one.
 # With CUDA they share the GPU, overlapping kernels that leave part of it idle: the MNIST experiments took
-# 5m19s this way on an H200 under CUDA MPS, against 8m39s expected one after another (README). Without MPS the
+# 3m58s this way on an H200 under CUDA MPS (2026-12-04), against 8m39s expected one after another (README). Without MPS the
 # GPU time-slices the processes (five short runs at once took 3.1x one); start MPS first for more:
 #   nvidia-cuda-mps-control -d     (stop it afterwards: echo quit | nvidia-cuda-mps-control)
 jobs=$(python -c "import os, torch; print(4 if torch.cuda.is_available() else min(4, os.cpu_count() or 1))")

@@ -5,7 +5,7 @@
 # Each point is one dgr.py run (paper preset plus --budget overrides) into reference/frontier/NAME/;
 # a finished point is kept (--resume). Run it on an otherwise idle machine: the wall times are the x axis.
 # Then frontier.json (all points) and one figure per experiment (frontier.png: split; frontier_permuted.png;
-# chain's points, one accuracy per link, are in frontier.json and the README only) are made from the points' results.
+# chain's points, one accuracy per link, are in frontier.json and reference/README.md only) are made from the points' results.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 declare -A POINTS=(
