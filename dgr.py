@@ -1474,9 +1474,16 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line and exit code 2, never as a traceback."""
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows an option's default where it says something (not for flags, nor an unset --r or --data-dir)."""
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default == ""
+        return action.help if unset else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(prog="dgr.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpWithDefaults)
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):

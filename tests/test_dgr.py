@@ -399,6 +399,9 @@ def test_help_lists_every_option():
     assert proc.returncode == 0
     for option in ("--exp", "--variants", "--preset", "--seeds", "--r", "--replay-targets", "--data-dir", "--out", "--device"):
         assert option in proc.stdout
+    text = " ".join(proc.stdout.split())   # defaults that say something are shown, empty ones are not
+    assert "(default: permuted)" in text and "(default: 0)" in text
+    assert "(default: None)" not in text and "(default: )" not in text and "(default: False)" not in text
 
 
 def test_import_has_no_side_effects(tmp_path):
