@@ -1678,7 +1678,7 @@ def main(argv: list[str] | None = None) -> int:
             b = budget_for(args, exp)
             planned[exp] = (b, os.path.join(args.out, exp), plan_runs(exp, args, b, os.path.join(args.out, exp)))
         if not args.estimate:   # every refusal (exit 2) before anything heavy starts
-            for b, folder, runs in planned.values():
+            for _, folder, _ in planned.values():
                 check_writable(folder)
         n_runs = sum(len(runs) for _, _, runs in planned.values())
         jobs = min(args.jobs, n_runs)
