@@ -27,12 +27,17 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
 import platform
+import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -113,70 +118,18 @@ class Budget:
     ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, reference/README.md)
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if (why := budget_field_error(f.name, getattr(self, f.name))):
+                raise ValueError(f"Budget.{why}")
+
     @property
     def effective_critic_lr(self) -> float:
         return self.critic_lr or self.gen_lr
 
 
-# Sources are in the README: WGAN-GP (Gulrajani et al. 2017) for the critic schedule, kuc2477's
-# pytorch-deep-generative-replay for 3000 generator steps per task, van de Ven et al. for the
-# 784-400-400-10 solver, batch 128 and 2000 (split) / 5000 (permuted) solver steps per task.
-# The MNIST experiments replay the running average of the generator's weights (gen_ema=0.99, not in the
-# paper; since 2026-12-04): paper split GR on an H200 gave 94.43 +- 0.41 over 5 seeds with it against
-# 92.87 +- 1.34 without (reference/README.md); the fast preset gained with it on split, chain and permuted (3 seeds each).
-# permuted's GAN is fully connected (the fast preset's, at its lr) and its solver's lr decays by a cosine in
-# each task (since 2026-12-04, reference/README.md): the DCGAN's convolutions cannot model permuted pixels (paper permuted
-# GR 82.53 % on an H200, forgetting 12.7 points); on the CPU the fully connected GAN gave 90.93 % (seed 0), with
-# the cosine 94.10 +- 0.02 % (3 seeds; forgetting 1.9). chain's solver lr decays by a cosine in each link too
-# (since 2026-12-04): on an H200 it lifted GR's solver 5 from 93.98 and 93.11 % (seed 0, two runs) to
-# 96.41 +- 0.01 % (2 seeds).
-PAPER = {
-    "chain": Budget(solver_iters=5000, gen_iters=5000, eval_every=1000, gen_ema=0.99, solver_schedule="cosine"),
-    "permuted": Budget(solver_iters=5000, gen_iters=3000, eval_every=500, gen_ema=0.99, gan="mlp", width=256,
-                       gen_lr=4e-4, critic_lr=8e-4, solver_schedule="cosine"),
-    "split": Budget(solver_iters=2000, gen_iters=3000, eval_every=250, gen_ema=0.99),
-    "mnist-svhn": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
-    "svhn-mnist": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
-    "lwf": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, warmup_iters=1000),
-}
-# fast: for a CPU. split's and permuted's budgets are points of the frontier of GR measured on 2 cores
-# (reference/README.md, reference/frontier/): a fully connected WGAN-GP (~10x cheaper per image on a CPU than the
-# DCGAN convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed
-# by a cosine in each task. The others take the same GAN and schedule; chain's and permuted's generators,
-# which must carry all ten digits (of every permutation) to the next task, are wider and train longer.
-# split, chain and permuted replay the running average of their generator's weights (gen_ema, 3 seeds each,
-# reference/README.md: split +0.3 points, chain's solver 5 +0.1 (GR) and +0.07 (GR+distill), permuted GR +0.2). split's and
-# permuted's GANs train on batches of 128 (3 seeds: split GR +0.29, GR+distill +0.20, for 1.4x the run's time;
-# permuted GR +0.46, GR+distill +0.03); chain's keeps 64 (3 seeds: solver 5 +0.15, +0.12, for 1.47x).
-# split's trains on 256 since 2026-12-04 (3 seeds: GR +0.36, GR+distill +0.07, for 1.6x the run's time;
-# 256 at 1000 steps, 1.2x the time, gained nothing: the gain is the GAN's extra work, not the batch).
-# split's GAN learns at 4x the lr (8e-4 / 1.6e-3; 3 seeds: GR +1.26 at no cost; 2x +0.94, 8x +1.35, 16x less);
-# permuted's learns at 2x (4e-4 / 8e-4; 3 seeds: GR +0.46, GR+distill +0.05; 4x +0.64 for GR at one seed);
-# permuted at seed 0: width 384 gained nothing, half the steps at 4x lost 0.43 (at batch 256: 0.28);
-# chain's wider GAN lost 0.65 on solver 5 at 4x (one seed) and moved +0.06 at 2x (3 seeds, sd 0.19;
-# GR+distill +0.04): it keeps 2e-4 / 4e-4, as the others.
-# The CNN solver (SVHN) costs 0.1-0.25 s per step on 2 cores.
-FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
-FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)   # chain, permuted: ten digits
-FAST = {
-    "chain": Budget(eval_every=1000, **FAST_ALL_DIGITS),
-    "permuted": Budget(eval_every=500, gen_batch=128, **dict(FAST_ALL_DIGITS, gen_lr=4e-4, critic_lr=8e-4)),
-    "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, gen_ema=0.99, gen_batch=256,
-                    **dict(FAST_GAN, gen_lr=8e-4, critic_lr=1.6e-3)),
-    "mnist-svhn": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
-    "svhn-mnist": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
-    "lwf": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, warmup_iters=200, **FAST_GAN),
-}
-# quick: a smoke test that runs every experiment on 2 CPU cores in well under a minute, not a reproduction.
-# Its tiny GAN needs lr 1e-3 (measured, width 16: split GR 86 % with lr 1e-3, 22 % with 1e-4 after 100 steps).
-QUICK_COMMON = dict(solver_iters=150, gen_iters=60, batch=64, gen_batch=16, eval_every=50, train_limit=3000,
-                    test_limit=1000, width=8, hidden=128, cnn_channels=8, n_tasks=3, n_critic=3, gen_lr=1e-3)
-QUICK = {exp: Budget(**QUICK_COMMON) for exp in EXPERIMENTS}
-QUICK["lwf"] = Budget(**{**QUICK_COMMON, "warmup_iters": 30})
-QUICK["split"] = Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters": 200})
-for _exp in ("mnist-svhn", "svhn-mnist"):
-    QUICK[_exp] = Budget(**{**QUICK_COMMON, "sample_at": (10, 20, 40, 60)})
-PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a word", tuple: "steps (a:b:...)"}
+BUDGET_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
                   "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous")}
 # the numeric fields that lie in [0, 1), and those that may be 0 (the other counts are >= 1, the other rates > 0)
@@ -184,12 +137,16 @@ BUDGET_FRACTIONS = ("gen_ema", "dropout")
 BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda")
 
 
-def budget_range_error(name: str, value) -> str | None:
-    """Why `value` is out of range for the Budget field `name`, or None."""
+def budget_field_error(name: str, value) -> str | None:
+    """Why `value` does not fit the Budget field `name` (its type, its choices, its range), or None."""
+    kind = type(BUDGET_DEFAULTS[name])
+    if isinstance(value, bool) or not (isinstance(value, kind) or (kind is float and isinstance(value, int))):
+        return f"{name} takes {TYPE_NAMES[kind]}, got {value!r}"
     if isinstance(value, str):
-        return None
+        return None if value in BUDGET_CHOICES.get(name, (value,)) else \
+            f"{name} is {' or '.join(BUDGET_CHOICES[name])}, got {value!r}"
     if isinstance(value, tuple):
-        return None if all(v >= 1 for v in value) else f"{name} takes steps >= 1, got {value}"
+        return None if all(isinstance(v, int) and v >= 1 for v in value) else f"{name} takes steps >= 1, got {value}"
     if name in BUDGET_FRACTIONS:
         ok, want = 0 <= value < 1, "in [0, 1)"
     elif name in BUDGET_MAY_BE_ZERO:
@@ -201,21 +158,62 @@ def budget_range_error(name: str, value) -> str | None:
     return None if ok and math.isfinite(value) else f"{name} is {want}, got {value}"
 
 
+# The paper's budgets where it or its sources give them (README, "Presets"): WGAN-GP's critic schedule
+# (Gulrajani et al. 2017), 3000 generator steps per task (kuc2477/pytorch-deep-generative-replay), van de
+# Ven et al.'s 784-400-400-10 solver, batch 128, and 2000 (split) or 5000 (permuted) solver steps per task.
+# Three deviations, each measured in reference/README.md: the MNIST experiments replay the running average
+# of the generator's weights (gen_ema); permuted's GAN is fully connected, since convolutions cannot model
+# permuted pixels; chain's and permuted's solver lr decays by a cosine within each task.
+PAPER = {
+    "chain": Budget(solver_iters=5000, gen_iters=5000, eval_every=1000, gen_ema=0.99, solver_schedule="cosine"),
+    "permuted": Budget(solver_iters=5000, gen_iters=3000, eval_every=500, gen_ema=0.99, gan="mlp", width=256,
+                       gen_lr=4e-4, critic_lr=8e-4, solver_schedule="cosine"),
+    "split": Budget(solver_iters=2000, gen_iters=3000, eval_every=250, gen_ema=0.99),
+    "mnist-svhn": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
+    "svhn-mnist": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
+    "lwf": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, warmup_iters=1000),
+}
+# fast: for a CPU; split's and permuted's budgets are points of GR's measured frontier of accuracy against
+# time on 2 cores (reference/README.md). A fully connected WGAN-GP (about 10x cheaper per image on a CPU than
+# the DCGAN's convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed
+# by a cosine within each task. chain's and permuted's generators, which must carry all ten digits (of every
+# permutation) to the next task, are wider and train longer; split's GAN trains on larger batches at a higher lr.
+FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
+FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)   # chain, permuted: ten digits
+FAST = {
+    "chain": Budget(eval_every=1000, **FAST_ALL_DIGITS),
+    "permuted": Budget(eval_every=500, gen_batch=128, **dict(FAST_ALL_DIGITS, gen_lr=4e-4, critic_lr=8e-4)),
+    "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, gen_ema=0.99, gen_batch=256,
+                    **dict(FAST_GAN, gen_lr=8e-4, critic_lr=1.6e-3)),
+    "mnist-svhn": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
+    "svhn-mnist": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
+    "lwf": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, warmup_iters=200, **FAST_GAN),
+}
+# quick: a smoke test that runs each experiment on a CPU in about a minute, not a reproduction; its tiny GAN
+# needs a high lr to learn anything in so few steps.
+QUICK_COMMON = dict(solver_iters=150, gen_iters=60, batch=64, gen_batch=16, eval_every=50, train_limit=3000,
+                    test_limit=1000, width=8, hidden=128, cnn_channels=8, n_tasks=3, n_critic=3, gen_lr=1e-3)
+QUICK = {exp: Budget(**QUICK_COMMON) for exp in EXPERIMENTS}
+QUICK["lwf"] = Budget(**{**QUICK_COMMON, "warmup_iters": 30})
+QUICK["split"] = Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters": 200})
+for _exp in ("mnist-svhn", "svhn-mnist"):
+    QUICK[_exp] = Budget(**{**QUICK_COMMON, "sample_at": (10, 20, 40, 60)})
+PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
 def budget_overrides(text: str) -> dict:
     """`name=value,...` -> {name: value} with each value of its Budget field's type; ValueError if bad."""
-    fields = {f.name: type(f.default) for f in dataclasses.fields(Budget)}
     out = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, value = item.partition("=")
-        if name not in fields or not value:
-            raise ValueError(f"{item!r} is not name=value with a name among {', '.join(fields)}")
+        if name not in BUDGET_DEFAULTS or not value:
+            raise ValueError(f"{item!r} is not name=value with a name among {', '.join(BUDGET_DEFAULTS)}")
+        if name in out:
+            raise ValueError(f"{name} is given twice")
+        kind = type(BUDGET_DEFAULTS[name])
         try:
-            out[name] = tuple(int(v) for v in value.split(":")) if fields[name] is tuple else fields[name](value)
+            out[name] = tuple(int(v) for v in value.split(":")) if kind is tuple else kind(value)
         except ValueError:
-            raise ValueError(f"{name} takes a {fields[name].__name__}, got {value!r}") from None
-        if out[name] not in BUDGET_CHOICES.get(name, (out[name],)):
-            raise ValueError(f"{name} is {' or '.join(BUDGET_CHOICES[name])}, got {value!r}")
-        if (why := budget_range_error(name, out[name])):
+            raise ValueError(f"{name} takes {TYPE_NAMES[kind]}, got {value!r}") from None
+        if (why := budget_field_error(name, out[name])):
             raise ValueError(why)
     return out
 
@@ -233,12 +231,42 @@ def budget_for(args: Args, exp: str) -> Budget:
 
 @dataclass
 class Task:
+    """One task's data: inputs x (float, in [-1, 1], batch first) and integer class labels y, on one device."""
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     head: int = 0                 # solver head used for this task (LwF has one per task)
+
+    def __post_init__(self):
+        for part in ("train", "test"):
+            x, y = getattr(self, "x_" + part), getattr(self, "y_" + part)
+            where = f"task {self.name!r}: x_{part}"
+            if not (torch.is_tensor(x) and torch.is_tensor(y)):
+                raise ValueError(f"{where} and y_{part} must be tensors, got {type(x).__name__} and {type(y).__name__}")
+            if not x.is_floating_point() or x.dim() < 2:
+                raise ValueError(f"{where} must be a float tensor (batch, ...), got {x.dtype} of shape {tuple(x.shape)}")
+            if y.dtype != torch.long or y.dim() != 1:
+                raise ValueError(f"task {self.name!r}: y_{part} must be int64 labels of shape (batch,), "
+                                 f"got {y.dtype} of shape {tuple(y.shape)}")
+            if len(x) != len(y) or x.device != y.device:
+                raise ValueError(f"{where} and y_{part} must be as long and on one device, got {len(x)} inputs "
+                                 f"on {x.device} and {len(y)} labels on {y.device}")
+            lo, hi = (float(v) for v in torch.aminmax(x)) if len(x) else (0.0, 0.0)
+            if math.isnan(lo) or math.isnan(hi):
+                raise ValueError(f"{where} holds NaN values")
+            if not -1.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{where} lies in [{lo:.3g}, {hi:.3g}]; inputs must lie in [-1, 1] "
+                                 "(the generator ends in tanh): e.g. pixels / 127.5 - 1")
+            if len(y) and int(y.min()) < 0:
+                raise ValueError(f"task {self.name!r}: y_{part} holds a negative label ({int(y.min())})")
+        if not len(self.x_train):
+            raise ValueError(f"task {self.name!r} has no training inputs")
+        if self.x_train.shape[1:] != self.x_test.shape[1:] or self.x_train.device != self.x_test.device:
+            raise ValueError(f"task {self.name!r}: train and test inputs differ in shape or device "
+                             f"({tuple(self.x_train.shape[1:])} on {self.x_train.device}, "
+                             f"{tuple(self.x_test.shape[1:])} on {self.x_test.device})")
 
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -332,15 +360,37 @@ def split_tasks(data, b: Budget, seed: int) -> list[Task]:
 # Models: DCGAN-style generator, critic without batch norm, MLP or CNN solver with one head per task.
 
 
+def check_input_shape(shape) -> tuple:
+    """One input's shape as a tuple: (C, H, W) with C >= 1 and H, W >= 8, or (D,) with D >= 1."""
+    shape = tuple(shape)
+    ok = all(isinstance(d, int) and d >= 1 for d in shape) and (
+        len(shape) == 1 or (len(shape) == 3 and min(shape[1:]) >= 8))
+    if not ok:
+        raise ValueError(f"input shape must be (C, H, W) with H, W >= 8, or (D,), got {shape}")
+    return shape
+
+
+def image_shape(shape, what: str) -> tuple[int, int, int]:
+    """(C, H, W) of an input shape, or a ValueError that says what `what` needs."""
+    if len(shape) != 3:
+        raise ValueError(f"{what} needs images of shape (C, H, W), got {tuple(shape)}; for vectors use "
+                         "the fully connected GAN, Budget(gan='mlp')")
+    return tuple(shape)
+
+
 class Generator(nn.Module):
-    """z -> image in [-1, 1]: 128x7x7 -> 64x14x14 -> 1x28x28, or 256x4x4 -> ... -> 3x32x32 (width=64)."""
+    """DCGAN generator, z -> image in [-1, 1]: a linear layer to a (width * 2^(n-1)) x h0 x w0 map, then
+    n transposed convolutions each doubling the size (128x7x7 -> 64x14x14 -> 1x28x28, or 256x4x4 -> ...
+    -> 3x32x32 at width 64), n as large as keeps h0, w0 >= 4; a larger output is cropped to H x W."""
 
     def __init__(self, shape, z_dim=100, width=64):
         super().__init__()
-        c, h, _ = shape
-        n_up = 2 if h == 28 else 3
-        self.z_dim, self.start, ch = z_dim, h // 2 ** n_up, width * 2 ** (n_up - 1)
-        self.fc = nn.Sequential(nn.Linear(z_dim, ch * self.start ** 2), nn.BatchNorm1d(ch * self.start ** 2), nn.ReLU())
+        c, h, w = image_shape(shape, "the conv GAN")
+        n_up = max(1, int(math.log2(min(h, w) / 4)))
+        self.z_dim, self.shape = z_dim, (c, h, w)
+        self.start, ch = (math.ceil(h / 2 ** n_up), math.ceil(w / 2 ** n_up)), width * 2 ** (n_up - 1)
+        self.fc = nn.Sequential(nn.Linear(z_dim, ch * math.prod(self.start)), nn.BatchNorm1d(ch * math.prod(self.start)),
+                                nn.ReLU())
         layers = []
         for _ in range(n_up - 1):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1), nn.BatchNorm2d(ch // 2), nn.ReLU()]
@@ -348,17 +398,27 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers, nn.ConvTranspose2d(ch, c, 4, 2, 1), nn.Tanh())
 
     def forward(self, z):
-        return self.net(self.fc(z).view(len(z), -1, self.start, self.start))
+        x = self.net(self.fc(z).view(len(z), -1, *self.start))
+        _, h, w = self.shape
+        if x.shape[2:] == (h, w):
+            return x
+        top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+        return x[:, :, top:top + h, left:left + w]
 
 
 def make_critic(shape, width=64) -> nn.Sequential:
-    """Image -> score: convs width-2w-4w (64-128-256) down to 4x4, no batch norm (it breaks the penalty)."""
-    c, h, _ = shape
-    return nn.Sequential(
-        nn.Conv2d(c, width, 4, 2, 1), nn.LeakyReLU(0.2),
-        nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2),
-        nn.Conv2d(2 * width, 4 * width, 3 if h == 28 else 4, 2, 1), nn.LeakyReLU(0.2),
-        nn.Flatten(), nn.Linear(4 * width * 16, 1))
+    """DCGAN critic, image -> score: stride-2 convolutions of width, 2 width, 4 width, ... channels (64-128-256
+    for 28x28 and 32x32) until the map is at most 4x4, each halving the size (kernel 4; kernel 3 on an odd
+    size, rounding up), then a linear layer. No batch norm: it would couple the samples of the penalty."""
+    c, h, w = image_shape(shape, "the conv GAN")
+    layers, ch = [], c
+    for i in itertools.count():
+        if max(h, w) <= 4:
+            break
+        odd = h % 2 or w % 2
+        layers += [nn.Conv2d(ch, width * 2 ** i, 3 if odd else 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch, h, w = width * 2 ** i, (h + 1) // 2 if odd else h // 2, (w + 1) // 2 if odd else w // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(ch * h * w, 1))
 
 
 class MLPGenerator(nn.Module):
@@ -382,18 +442,18 @@ def make_mlp_critic(shape, width=256) -> nn.Sequential:
 
 
 class Solver(nn.Module):
-    """Classifier: MLP 784-400-400 for 28x28x1, CNN for 32x32x3, then one 10-way linear head per task;
-    optional dropout after each hidden layer."""
+    """Classifier: an MLP (hidden-hidden, 784-400-400 on MNIST) for vectors and one-channel images, a CNN
+    (two 5x5 convolutions of k and 2k channels with 2x2 max pooling, then hidden units) for images of
+    several channels (SVHN); then one n_classes-way linear head per task; dropout after each hidden layer."""
 
     def __init__(self, shape, n_classes=10, n_heads=1, hidden=400, cnn_channels=32, dropout=0.0):
         super().__init__()
-        c, h, w = shape
         drop = lambda: [nn.Dropout(dropout)] if dropout else []
-        if c == 1:
-            self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), *drop(),
+        if len(shape) == 1 or shape[0] == 1:
+            self.trunk = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(shape), hidden), nn.ReLU(), *drop(),
                                        nn.Linear(hidden, hidden), nn.ReLU(), *drop())
         else:
-            k = cnn_channels
+            (c, h, w), k = shape, cnn_channels
             self.trunk = nn.Sequential(
                 nn.Conv2d(c, k, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
                 nn.Conv2d(k, 2 * k, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
@@ -406,18 +466,24 @@ class Solver(nn.Module):
 
 class Scholar(nn.Module):
     """A generator with its critic (WGAN-GP) and a solver: the networks a task learns and later replays.
-    The training code holds their optimizers (`optimizers`). With b.gen_ema the scholar also keeps a
-    running average of its generator's weights (`generator_ema`), which it samples and replays."""
 
-    def __init__(self, shape, b: Budget, n_heads=1, with_generator=True):
+    shape: one input's shape, (C, H, W) with H, W >= 8 for images or (D,) for vectors (the fully connected
+    GAN only); inputs are float tensors in [-1, 1] (the generator ends in tanh). n_classes: the solver's
+    classes, labels 0..n_classes-1. The training code holds the optimizers (`optimizers`). With b.gen_ema
+    the scholar also keeps a running average of its generator's weights (`generator_ema`), which it
+    samples and replays."""
+
+    def __init__(self, shape, b: Budget, n_heads=1, with_generator=True, n_classes=10):
         super().__init__()
-        self.shape, self.z_dim = tuple(shape), b.z_dim
-        self.solver = Solver(shape, 10, n_heads, b.hidden, b.cnn_channels, b.dropout)
+        self.shape, self.z_dim, self.n_classes = check_input_shape(shape), b.z_dim, n_classes
+        if not (isinstance(n_classes, int) and n_classes >= 2):
+            raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+        self.solver = Solver(self.shape, n_classes, n_heads, b.hidden, b.cnn_channels, b.dropout)
         self.generator = self.critic = None
         if with_generator:
             conv = b.gan == "conv"
-            self.generator = (Generator if conv else MLPGenerator)(shape, b.z_dim, b.width)
-            self.critic = (make_critic if conv else make_mlp_critic)(shape, b.width)
+            self.generator = (Generator if conv else MLPGenerator)(self.shape, b.z_dim, b.width)
+            self.critic = (make_critic if conv else make_mlp_critic)(self.shape, b.width)
             if conv:   # channels_last: faster convolutions on CPU (oneDNN) and on GPU tensor cores
                 self.generator.to(memory_format=torch.channels_last)
                 self.critic.to(memory_format=torch.channels_last)
@@ -549,6 +615,9 @@ VARIANTS = {   # the paper's four (GR, ER, Noise, None) and two baselines
 }
 
 
+REPLAY_SOURCES = ("generator", "stored", "noise", "current", "none")
+
+
 @dataclass
 class Replay:
     """What one task replays: x' from `source` (generator, stored, noise, current, none), labelled by the
@@ -560,6 +629,19 @@ class Replay:
     soft: bool = False
     temperature: float = 1.0
     ewc: dict | None = None
+
+    def __post_init__(self):
+        if self.source not in REPLAY_SOURCES:
+            raise ValueError(f"unknown replay source {self.source!r}: choose from {', '.join(REPLAY_SOURCES)}")
+        if self.source != "none" and not isinstance(self.old, Scholar):
+            raise ValueError(f"replay from {self.source!r} needs the previous scholar: Replay({self.source!r}, "
+                             "old=scholar.frozen_copy())")
+        if self.source == "generator" and self.old.generator is None:
+            raise ValueError("replay from 'generator' needs a previous scholar with a generator")
+        if self.source == "stored" and not (self.pool and all(torch.is_tensor(p) and len(p) for p in self.pool)):
+            raise ValueError("replay from 'stored' needs pool=[x_train of each past task], each a non-empty tensor")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"the temperature must be > 0 and finite, got {self.temperature}")
 
     def inputs(self, n: int, shape, current: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.source == "generator":
@@ -616,7 +698,7 @@ def critic_step(s: Scholar, opt, x_real: torch.Tensor, lam: float) -> torch.Tens
     with the DCGAN critic, 1.2x with the fully connected one."""
     n = len(x_real)
     x_fake = s.sample(n, trained=True)
-    eps = torch.rand(n, 1, 1, 1, device=x_real.device)
+    eps = torch.rand(n, *[1] * (x_real.dim() - 1), device=x_real.device)
     x_hat = (eps * x_real + (1 - eps) * x_fake).requires_grad_(True)
     scores = s.critic(torch.cat([x_real, x_fake]))
     grad, = torch.autograd.grad(s.critic(x_hat).sum(), x_hat, create_graph=True)
@@ -705,6 +787,7 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
     b.n_critic WGAN-GP critic steps on the r-mix of real inputs and old samples. `start` skips the first
     steps (a resumed task: solver steps, then generator steps, are counted); callback(phase, step, losses)
     follows each step, phase 'warm-up', 'solver' or 'generator', its step counted from 1."""
+    check_training_inputs(s, opts, task, replay, r, train_generator)
     if start == 0:   # each task starts the solver's Adam afresh
         opts["solver"] = adam(s.solver, b.solver_lr)
         if b.warmup_iters and replay.source != "none":
@@ -732,6 +815,38 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         if s.generator_ema is not None:
             s.average_generator(b.gen_ema, step)
         callback("generator", step, losses)
+
+
+def check_training_inputs(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, train_generator: bool):
+    """ValueError, before any step, if train_task's inputs do not fit together: what is wrong and with what."""
+    if not (isinstance(s, Scholar) and isinstance(task, Task) and isinstance(replay, Replay)):
+        raise ValueError("train_task takes a Scholar, its optimizers, a Task and a Replay")
+    param = next(s.solver.parameters())
+    if tuple(task.x_train.shape[1:]) != s.shape:
+        raise ValueError(f"task {task.name!r} has inputs of shape {tuple(task.x_train.shape[1:])}, the scholar "
+                         f"was made for {s.shape}")
+    if task.x_train.device != param.device or task.x_train.dtype != param.dtype:
+        raise ValueError(f"task {task.name!r} is {task.x_train.dtype} on {task.x_train.device}, the scholar "
+                         f"{param.dtype} on {param.device}: move one (scholar.to(...), tensor.to(...))")
+    top = max(int(task.y_train.max()), int(task.y_test.max()) if len(task.y_test) else 0)
+    if top >= s.n_classes:
+        raise ValueError(f"task {task.name!r} has label {top}, the scholar's solver has {s.n_classes} classes "
+                         f"(0..{s.n_classes - 1}): Scholar(..., n_classes=K)")
+    if not 0 <= task.head < len(s.solver.heads):
+        raise ValueError(f"task {task.name!r} uses head {task.head}, the solver has {len(s.solver.heads)}")
+    if not (0.0 <= r <= 1.0):
+        raise ValueError(f"the real-data share r must lie in [0, 1], got {r}")
+    old = replay.old
+    if old is not None and (old.shape != s.shape or old.n_classes != s.n_classes):
+        raise ValueError(f"the previous scholar was made for {old.shape} and {old.n_classes} classes, this one for "
+                         f"{s.shape} and {s.n_classes}")
+    if old is not None and not 0 <= replay.head < len(old.solver.heads):
+        raise ValueError(f"the replay uses head {replay.head}, the previous solver has {len(old.solver.heads)}")
+    if replay.source == "stored" and any(tuple(p.shape[1:]) != s.shape or p.device != param.device for p in replay.pool):
+        raise ValueError(f"the stored inputs must have the scholar's shape {s.shape} and device {param.device}")
+    needed = ["solver"] + (["generator", "critic"] if train_generator and s.generator is not None else [])
+    if not isinstance(opts, dict) or any(k not in opts for k in needed):
+        raise ValueError(f"opts must hold the optimizers {', '.join(needed)}: opts = scholar.optimizers(b)")
 
 
 def cosine(step: int, steps: int) -> float:
@@ -979,8 +1094,14 @@ def load_extension(required: bool = False) -> bool:
             importlib.import_module(EXTENSION_NAME)
         except ImportError:
             prefer_cuda_toolkit()
+            quiet_cpp_extension()
             from torch.utils import cpp_extension
             with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+            built = os.path.join(cpp_extension._get_build_directory(EXTENSION_NAME, False), EXTENSION_NAME + ".so")
+            if not os.path.exists(built):
+                print(f"dgr: building the fused ops once ({'CPU and CUDA' if with_cuda else 'CPU'} kernels, about "
+                      f"{'1-3 min' if with_cuda else '40 s'}; cached for later runs; `python setup.py build_ext "
+                      "--inplace` builds them ahead)", file=sys.stderr, flush=True)
             cpp_extension.load(EXTENSION_NAME, extension_sources(with_cuda), extra_cflags=["-O3"],
                                extra_cuda_cflags=["-O3"], is_python_module=False)
         register_op_python_parts()
@@ -994,7 +1115,8 @@ def load_extension(required: bool = False) -> bool:
         _ops["loaded"] = False
         if required:
             raise RuntimeError(f"the dgr extension could not be loaded or built ({reason})") from None
-        warnings.warn(f"dgr: fused ops unavailable ({reason}); using the PyTorch reference implementations",
+        warnings.warn(f"dgr: fused ops unavailable ({reason}); using the PyTorch reference implementations "
+                      "(dgr.set_impl('torch') or --impl torch chooses them without this warning)",
                       RuntimeWarning, stacklevel=3)
     return _ops["loaded"]
 
@@ -1003,6 +1125,13 @@ def prefer_cuda_toolkit() -> None:
     """torch guesses CUDA_HOME from nvcc on PATH, which can point at /usr/local; prefer /usr/local/cuda."""
     if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def quiet_cpp_extension() -> None:
+    """torch.utils.cpp_extension logs 'No CUDA runtime is found' on every import where a toolkit is
+    installed without a GPU, which is the normal case on a CPU machine with CUDA tools: not a warning here."""
+    import logging
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def extension_sources(with_cuda: bool) -> list[str]:
@@ -1149,7 +1278,8 @@ def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, rep
         s = Scholar(shape, b, n_heads, with_generator=generative).to(device)
         opts = s.optimizers(b)
         x = torch.rand(256, *shape, device=device) * 2 - 1
-        task = Task("calibration", x, torch.randint(10, (256,), device=device), x, None)
+        y = torch.randint(10, (256,), device=device)
+        task = Task("calibration", x, y, x, y)
         replay = Replay("generator" if generative else "noise", s.frozen_copy())
         steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch),
                  "replay solver": lambda: solver_step(s, opts["solver"], task, replay, 0.5, b.batch)}
@@ -1211,6 +1341,51 @@ def makespan(seconds: list[float], jobs: int) -> float:
 
 class RunStopped(Exception):
     """A run cannot go on (exit 3): its message names the last checkpoint to resume from."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM (exit 128 + the signal's number); the message says what was saved."""
+
+    def __init__(self, signum: int, saved: str = ""):
+        super().__init__(saved)
+        self.signum, self.saved = signum, saved
+
+
+class StopRequest:
+    """The handler of SIGINT and SIGTERM. During a run the first one asks the run to stop after its step
+    in progress, with a checkpoint (watch); a second one, or one outside a run, stops at once."""
+
+    def __init__(self):
+        self.signum, self.in_run = 0, False
+
+    def __call__(self, signum, frame):
+        if self.in_run and not self.signum:
+            self.signum = signum
+            print("dgr.py: stopping after this step, with a checkpoint (again to stop at once)", file=sys.stderr,
+                  flush=True)
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """This handler for SIGINT and SIGTERM (in the main thread only), the earlier ones restored after."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        earlier = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in earlier.items():
+                signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def during_run(self):
+        self.in_run = True
+        try:
+            yield
+        finally:
+            self.in_run = False
 
 
 class Diverged(RunStopped):
@@ -1317,8 +1492,9 @@ def write_json(path: str, obj) -> None:
 # Running an experiment's runs: progress, NaN guard and checkpoints around run_one; one JSON per run.
 
 
-def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Checkpoint):
-    """The on_step of a run: progress lines with ETA, finite losses at each line, checkpoints."""
+def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Checkpoint, stop: StopRequest):
+    """The on_step of a run: progress lines with ETA, finite losses at each line, checkpoints, and the stop
+    that a first Ctrl-C or SIGTERM asks for, after the step in progress and its checkpoint."""
     progress = Progress(label, add_plans(plans), costs)
     progress.skip(steps_done(plans, *checkpoint.at, b))
     log_every = max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
@@ -1339,15 +1515,18 @@ def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Che
             check_finite(f"task {task.name} generator step {step}", info)
             progress.line(f"task {task.name} generator {step}/{b.gen_iters} critic {float(info['critic']):.3f} "
                           f"generator {float(info['generator']):.3f}")
-        if phase != "warm-up" and checkpoint.every and step % checkpoint.every == 0:
+        if phase != "warm-up" and (stop.signum or checkpoint.every and step % checkpoint.every == 0):
             checkpoint.save(run, b)
+        if phase != "warm-up" and stop.signum:
+            raise Interrupted(stop.signum, f"saved at {position(run.stage, run.step, b)} to {checkpoint.path}")
     return on_step
 
 
-def run_experiment(exp: str, args: Args, device, b: Budget, folder: str, runs: list, costs: dict) -> str:
+def run_experiment(exp: str, args: Args, device, b: Budget, folder: str, runs: list, costs: dict,
+                   stop: StopRequest, summarize: bool = True) -> str:
     """All planned runs of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
     try:
-        data = load_data(exp, args, device)
+        data = load_data(exp, args, device) if runs else {}
     except FileNotFoundError as e:   # a dataset missing and not downloadable
         raise UsageError(str(e)) from None
     for variant, seed, stem, checkpoint in runs:
@@ -1357,16 +1536,21 @@ def run_experiment(exp: str, args: Args, device, b: Budget, folder: str, runs: l
             state = checkpoint.load()
             if state is not None:
                 print(f"resuming from {checkpoint.path} at {position(state['stage'], state['step'], b)}", flush=True)
-            on_step = watch(label, run_plan(exp, VARIANTS[variant], b), costs, b, checkpoint)
-            result = run_one(exp, variant, seed, args, data, b, on_step=on_step, state=state)
+            on_step = watch(label, run_plan(exp, VARIANTS[variant], b), costs, b, checkpoint, stop)
+            with stop.during_run():
+                result = run_one(exp, variant, seed, args, data, b, on_step=on_step, state=state)
             samples = result.pop("samples")
             result.update(exp=exp, variant=variant, name=VARIANTS[variant].label(exp), seed=seed,
                           wall_time_s=round(checkpoint.elapsed(), 2), machine=machine_name(device),
-                          fingerprint=checkpoint.fingerprint,
+                          provenance=provenance(device), fingerprint=checkpoint.fingerprint,
                           config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
             write_json(stem + ".json", result)
             for key, rows in samples.items():
-                save_sample_rows([x for _, x in rows], f"{stem}_samples_{key}.png")
+                save_sample_rows(*sample_figure(label, key, rows), f"{stem}_samples_{key}.png")
+        except Interrupted as e:
+            last = e.saved or (f"the last checkpoint is {checkpoint.path}" if os.path.exists(checkpoint.path)
+                               else "no checkpoint was saved")
+            raise Interrupted(e.signum, f"{label} {last}") from None
         except (Diverged, OSError) as e:
             what = f"{label}: " + (str(e) if isinstance(e, Diverged) else f"writing failed ({e})")
             last = f"the last checkpoint is {checkpoint.path}" if os.path.exists(checkpoint.path) else "no checkpoint was saved"
@@ -1375,26 +1559,130 @@ def run_experiment(exp: str, args: Args, device, b: Budget, folder: str, runs: l
         if os.path.exists(checkpoint.path):
             os.remove(checkpoint.path)
         print(f"{label}: final avg {result['final']['avg']:.2f} % in {fmt_seconds(result['wall_time_s'])} -> {stem}.json", flush=True)
+    if not summarize:
+        return ""
     plot_experiment(folder)
     return write_summary(folder)
+
+
+def provenance(device) -> dict:
+    """What made a result: the software, the device, and the loss implementation that actually ran."""
+    probe = torch.empty(0, device=device)
+    return {"torch": torch.__version__, "python": platform.python_version(), "dgr_commit": git_commit(),
+            "device": str(device), "cpu": cpu_model(), "impl": "ext" if use_extension(probe) else "torch"}
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of dgr.py's checkout ('+changes' if dgr.py or csrc/ differ from it), or None outside git."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "dgr.py", "csrc"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+@functools.cache
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def machine_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"{platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}"
 
 
 # ----------------------------------------------------------------------------------------------------
 # Figures and tables, made from the results JSON in an experiment folder.
 
 
-def save_sample_rows(rows: list[torch.Tensor], path: str) -> None:
-    """Sample grid: one row per stage (task, link or generator step), images mapped from [-1, 1]."""
-    from torchvision.utils import save_image
-    grid = torch.cat([r[:SAMPLES_PER_ROW].detach().float().cpu() for r in rows])
+TITLES = {"chain": "Chain of scholars (Table 1)", "permuted": "Permuted MNIST (Fig. 2)",
+          "mnist-svhn": "MNIST then SVHN (Fig. 3)", "svhn-mnist": "SVHN then MNIST (Fig. 3)",
+          "lwf": "SVHN then MNIST, a head per task (Fig. 5)", "split": "Split MNIST, class-incremental (Fig. 6)"}
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path: str) -> str:
     with replacing(path) as tmp:
-        save_image(grid, tmp, format="png", nrow=SAMPLES_PER_ROW, normalize=True, value_range=(-1, 1), pad_value=1.0)
+        fig.savefig(tmp, format="png", dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def save_sample_rows(rows: list[tuple[str, torch.Tensor]], title: str, path: str) -> None:
+    """Sample grid: one labelled row per (label, images) pair, images mapped from [-1, 1]."""
+    from torchvision.utils import make_grid
+    plt = pyplot()
+    images = torch.cat([x[:SAMPLES_PER_ROW].detach().float().cpu() for _, x in rows])
+    if images.dim() != 4:   # vectors: nothing to draw
+        return
+    pad, h = 2, images.shape[2]
+    grid = make_grid(images, nrow=SAMPLES_PER_ROW, padding=pad, normalize=True, value_range=(-1, 1), pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(0.55 * SAMPLES_PER_ROW + 1.2, 0.55 * len(rows) + 0.7))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], [label for label, _ in rows], fontsize=8)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def sample_figure(label: str, key: str, rows: list) -> tuple[list, str]:
+    """The labelled rows and title of a run's sample grid `key`: 'tasks' (after each task), 'links' (each
+    link of the chain), 'task<k>' (task k's generator at the generator steps of Budget.sample_at)."""
+    if key == "tasks":
+        return [(f"after task {k}", x) for k, x in rows], f"{label}: the generator's samples after each task"
+    if key == "links":
+        return [(f"link {k}", x) for k, x in rows], f"{label}: samples of each link's generator"
+    return [(f"step {k}", x) for k, x in rows], f"{label}: task {key[4:]}'s generator during training"
+
+
+def seeds_text(seeds: list[int]) -> str:
+    seeds = sorted(seeds)
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]}-{seeds[-1]}"
+    return "seeds " + ", ".join(map(str, seeds))
+
+
+def thousands(ax) -> None:
+    """Step axes in thousands ('10k'), so that their labels do not run together."""
+    from matplotlib.ticker import FuncFormatter
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
+
+
+def mean_band(ax, x, ys: list[list[float]], **style):
+    """Plot the mean over seeds of the curves `ys` (one per seed, same x), with a +-sd band over several."""
+    ys = [y[:min(map(len, ys))] for y in ys]
+    mean = [statistics.mean(col) for col in zip(*ys)]
+    line, = ax.plot(x[:len(mean)], mean, **style)
+    if len(ys) > 1:
+        sd = [statistics.stdev(col) for col in zip(*ys)]
+        ax.fill_between(x[:len(mean)], [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                        color=line.get_color(), alpha=0.2, lw=0)
+    return mean
 
 
 def load_results(folder: str) -> list[dict]:
@@ -1406,43 +1694,87 @@ def load_results(folder: str) -> list[dict]:
 
 
 def plot_experiment(folder: str) -> str:
-    """accuracy.png: one panel per variant (accuracy of each task during training), one with the averages."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    results = [r for r in load_results(folder) if r["seed"] == 0] or load_results(folder)
-    results.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
-    fig, axes = plt.subplots(1, len(results) + 1, figsize=(4 * (len(results) + 1), 3.4), squeeze=False)
-    for ax, res in zip(axes[0], results):
-        chain, per_link = res["exp"] == "chain", res["config"]["budget"]["solver_iters"] + 1
-        for j, name in enumerate(res["tasks"]):
-            pts = [(c["step"], c["acc"][0 if chain else j]) for c in res["curves"]
-                   if (c["step"] // max(1, per_link) == j if chain else len(c["acc"]) > j)]
-            if pts:
-                ax.plot(*zip(*pts), label=name)
-        ax.set(title=res["name"], xlabel="solver step", ylabel="test accuracy (%)", ylim=(0, 100))
-        ax.legend(fontsize=7)
-    avg_ax = axes[0][-1]
-    for res in results:
-        if res["exp"] == "chain":
-            avg_ax.plot(range(1, len(res["final"]["acc"]) + 1), res["final"]["acc"], marker="o", label=res["name"])
-            avg_ax.set(xlabel="solver (generation)", title="Accuracy of each solver")
+    """accuracy.png: for each variant, each task's test accuracy during training (tasks' boundaries dotted);
+    the average over the tasks seen (chain: each solver's accuracy); the final accuracy of each variant.
+    With several seeds, means with a +-sd band."""
+    plt = pyplot()
+    by_variant = group_results(load_results(folder))
+    variants = [v for v in VARIANTS if v in by_variant]
+    first = by_variant[variants[0]][0]
+    exp, budget, chain = first["exp"], first["config"]["budget"], first["exp"] == "chain"
+    iters = budget["solver_iters"]
+    top = [f"v{i}" for i in range(len(variants))] if len(variants) > 1 else ["v0", "v0"]
+    bottom = ["avg"] * (len(top) - 1) + ["final"]
+    fig, axes = plt.subplot_mosaic([top, bottom], figsize=(max(9.0, 3.3 * len(top)), 7.0))
+    lows = []
+    for i, v in enumerate(variants):
+        ax, runs = axes[f"v{i}"], by_variant[v]
+        for j, name in enumerate(runs[0]["tasks"]):
+            pick = (lambda c: (c["step"] - 1) // iters == j) if chain else (lambda c: len(c["acc"]) > j)
+            points = [[(c["step"], c["acc"][0 if chain else j]) for c in r["curves"] if pick(c)] for r in runs]
+            if points[0]:
+                mean_band(ax, [s for s, _ in points[0]], [[a for _, a in p] for p in points], label=name, lw=1.2)
+        for k in range(1, len(runs[0]["tasks"])):
+            ax.axvline(k * iters, color="0.7", ls=":", lw=0.8)
+        ax.set(title=f"{runs[0]['name']}" + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""),
+               xlabel="solver steps" + (" (links)" if chain else " (tasks)"), ylabel="test accuracy (%)",
+               ylim=(0, 101))
+        thousands(ax)
+        ax.legend(fontsize=7, ncol=2 if len(runs[0]["tasks"]) > 5 else 1, loc="lower left")
+    ax, finals, curves = axes["avg"], {}, {}
+    for v in variants:
+        runs = by_variant[v]
+        if chain:
+            curves[v] = list(range(1, len(runs[0]["final"]["acc"]) + 1)), [r["final"]["acc"] for r in runs]
+            finals[v] = [r["final"]["acc"][-1] for r in runs]
         else:
-            avg_ax.plot([c["step"] for c in res["curves"]], [c["avg"] for c in res["curves"]], label=res["name"])
-            avg_ax.set(xlabel="solver step", title="Average over tasks seen")
-    avg_ax.set(ylabel="test accuracy (%)", ylim=(0, 100))
-    avg_ax.legend(fontsize=7)
-    fig.suptitle(os.path.basename(os.path.normpath(folder)))
+            curves[v] = [c["step"] for c in runs[0]["curves"]], [[c["avg"] for c in r["curves"]] for r in runs]
+            finals[v] = [r["final"]["avg"] for r in runs]
+    # the axis shows the variants within 25 points of the best final accuracy; the others are named below it
+    best = max(statistics.mean(f) for f in finals.values())
+    shown = [v for v in variants if statistics.mean(finals[v]) > best - 25]
+    for v in variants:
+        name = by_variant[v][0]["name"] + ("" if v in shown else f" (final {statistics.mean(finals[v]):.1f}, below)")
+        mean = mean_band(ax, *curves[v], label=name, lw=1.2, **({"marker": "o"} if chain else {}))
+        if v in shown:
+            lows.append(min(mean))
+    if chain:
+        ax.set(xlabel="solver (link of the chain)", title="Accuracy of each solver on MNIST", xticks=curves[v][0])
+    else:
+        for k in range(1, len(first["tasks"])):
+            ax.axvline(k * iters, color="0.7", ls=":", lw=0.8)
+        ax.set(xlabel="solver steps (tasks)", title="Average accuracy over the tasks seen")
+        thousands(ax)
+    ax.set(ylabel="test accuracy (%)", ylim=(max(0, math.floor(min(lows) - 1)), 100.5))
+    ax.legend(fontsize=8, loc="lower left")
+    ax = axes["final"]
+    ax.axis("off")
+    rows = [[by_variant[v][0]["name"], str(len(finals[v])), mean_sd(finals[v])] for v in variants]
+    table = ax.table(rows, colLabels=["variant", "seeds", "solver 5 (%)" if chain else "final avg (%)"],
+                     loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.5)
+    ax.set_title("Final accuracy" + (" (mean ± sd)" if any(len(f) > 1 for f in finals.values()) else ""))
+    seeds = sorted({r["seed"] for runs in by_variant.values() for r in runs})
+    several = any(len(runs) > 1 for runs in by_variant.values())
+    fig.suptitle(f"{TITLES.get(exp, exp)}: {first['config']['args']['preset']} preset, {seeds_text(seeds)}"
+                 + (" (mean ± sd over seeds)" if several else ""))
     fig.tight_layout()
-    path = os.path.join(folder, "accuracy.png")
-    with replacing(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, os.path.join(folder, "accuracy.png"))
+
+
+def group_results(results: list[dict]) -> dict[str, list[dict]]:
+    """Runs by variant (in VARIANTS' order), each variant's runs by seed."""
+    by_variant: dict[str, list[dict]] = {}
+    for res in sorted(results, key=lambda r: r["seed"]):
+        by_variant.setdefault(res["variant"], []).append(res)
+    return {v: by_variant[v] for v in VARIANTS if v in by_variant}
 
 
 def mean_sd(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.2f}"
+    """'94.63 ± 0.15' over several values, '94.63' for one."""
+    return f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
 
 
 def write_summary(folder: str) -> str:
@@ -1602,40 +1934,52 @@ def announce(exp: str, b: Budget, runs: list, device) -> tuple[float, dict[str, 
     if runs:
         per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())
         resumed = sum(ck.at != (0, 0) for *_, ck in runs)
-        print(f"{exp}: {len(runs)} run(s) to do{f' ({resumed} resumed)' if resumed else ''}, expected about {fmt_seconds(seconds)} on {machine_name(device)} "
-              f"(per step: {per_step}; a generator step includes its {b.n_critic} critic steps)", flush=True)
+        print(f"{exp}: {len(runs)} run(s) to do{f' ({resumed} resumed)' if resumed else ''}, expected about "
+              f"{fmt_seconds(seconds)} on {machine_name(device)} (per step: {per_step}; a generator step includes "
+              f"its {b.n_critic} critic steps)", flush=True)
     else:
         print(f"{exp}: nothing to do", flush=True)
     return seconds, costs
 
 
 RUN_COMMAND = [sys.executable, os.path.abspath(__file__)]   # how --jobs starts a run (tests/patched_dgr.py: itself)
+JOB_ENV = "DGR_JOB_COSTS"   # set by --jobs for the runs it starts: the step costs it timed, by experiment
 
 
-def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[float, str, str, int]]) -> list[str]:
+def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[float, str, str, int]],
+                  costs: dict) -> list[str]:
     """--jobs N: each run to do, (expected seconds, experiment, variant, seed), in its own process (this script
     with --exp E --variants V --seed-start k --seeds 1), at most N at once, the longest expected first, all into
-    --out (on a CPU each with its share of the threads). A failed run does not stop the others; a refused one
-    (exit 2: a dataset missing, say) skips the rest of its experiment, which would be refused alike. Then
-    the figures and summary of each experiment from every result in its folder."""
+    --out (on a CPU each with its share of the threads). The runs reuse the step costs timed here (JOB_ENV)
+    and leave the figures and summaries to this process. A failed run does not stop the others; a refused one
+    (exit 2) skips the rest of its experiment, which would be refused alike. Ctrl-C or SIGTERM here reaches
+    each run once (they run in sessions of their own), and each stops after its step with a checkpoint.
+    Then the figures and summary of each experiment from every result in its folder."""
     import subprocess
     runs = sorted(runs, reverse=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}   # main() has set each run's share
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), JOB_ENV: json.dumps(costs)}
     pending = [(exp, f"{exp} {variant} seed {seed}", [*RUN_COMMAND, *argv, "--jobs", "1", "--preset", args.preset, "--exp",
                 exp, "--variants", variant, "--seed-start", str(seed), "--seeds", "1"]) for _, exp, variant, seed in runs]
-    running, failed, refused = [], [], {}
+    running, failed, refused, signum = [], [], {}, 0
     while pending or running:
-        while pending and len(running) < args.jobs:
-            exp, label, cmd = pending.pop(0)
-            running.append((exp, label, subprocess.Popen(cmd, env=env)))
-        for exp, label, p in [run for run in running if run[2].poll() is not None]:
-            running.remove((exp, label, p))
-            if p.returncode == 2:
-                refused[exp] = refused.get(exp, 0) + 1 + sum(e == exp for e, *_ in pending)
-                pending = [run for run in pending if run[0] != exp]
-            elif p.returncode:
-                failed.append(label)
-        time.sleep(0.1)
+        try:
+            while pending and len(running) < args.jobs and not signum:
+                exp, label, cmd = pending.pop(0)
+                running.append((exp, label, subprocess.Popen(cmd, env=env, start_new_session=True)))
+            for exp, label, p in [run for run in running if run[2].poll() is not None]:
+                running.remove((exp, label, p))
+                if p.returncode == 2:
+                    refused[exp] = refused.get(exp, 0) + 1 + sum(e == exp for e, *_ in pending)
+                    pending = [run for run in pending if run[0] != exp]
+                elif p.returncode and not signum:
+                    failed.append(label)
+            time.sleep(0.1)
+        except Interrupted as e:   # to each run once; a second signal here stops the runs at once
+            for *_, p in running:
+                p.send_signal(signal.SIGKILL if signum else e.signum)
+            signum, pending = signum or e.signum, []
+    if signum:
+        raise Interrupted(signum, "the runs stopped after their step, with a checkpoint")
     summaries = []
     for _, folder, _ in planned.values():
         if load_results(folder):
@@ -1646,6 +1990,24 @@ def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[f
         raise RunStopped("; ".join([f"{exp} refused, {n} run(s) not done" for exp, n in refused.items()] +
                                    [f"{label} failed" for label in failed]) + " (the messages are above)")
     return summaries
+
+
+def data_problem(exp: str, args: Args, download: bool = True) -> str | None:
+    """Why the datasets of `exp` cannot be had (not in --data-dir, and not downloadable), else None. Files
+    present count as there (their contents are checked as they load); with download=False nothing is fetched."""
+    needs = {"mnist": (MNIST_FILES, os.path.join(args.data_dir, "MNIST", "raw"))}
+    if exp not in MNIST28_EXPERIMENTS:
+        needs["svhn"] = (SVHN_FILES, os.path.join(args.data_dir, "SVHN"))
+    for name, (files, folder) in needs.items():
+        if all(os.path.exists(os.path.join(folder, f)) for f in files):
+            continue
+        if not download:
+            return f"{name.upper()} is not in {os.path.abspath(folder)}"
+        try:
+            load_svhn(args.data_dir, torch.device("cpu")) if name == "svhn" else load_mnist(args.data_dir, torch.device("cpu"))
+        except FileNotFoundError as e:
+            return str(e)
+    return None
 
 
 def configure(args: Args) -> torch.device:
@@ -1669,7 +2031,35 @@ def configure(args: Args) -> torch.device:
     return device
 
 
+USAGE = """dgr.py: Continual Learning with Deep Generative Replay (Shin et al., NeurIPS 2017), every experiment.
+
+  python dgr.py --exp split --preset quick     # a one-minute look: split MNIST, GR, ER, Noise, None
+  python dgr.py --exp split                    # split MNIST (Fig. 6): fast preset on a CPU, paper preset on a GPU
+  python dgr.py --exp all --estimate           # how long every experiment takes on this machine
+  bash reproduce.sh                            # every experiment of the paper
+  python dgr.py --help                         # every option
+
+Results (a JSON per run, accuracy.png, sample grids, summary.md) go to --out (default results/)."""
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this one: the same options, --resume instead of --overwrite."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return shlex.join(["python", "dgr.py", *kept, "--resume"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(USAGE)
+        return 0
+    with StopRequest().installed() as stop:
+        return run_command(argv, stop)
+
+
+def run_command(argv: list[str], stop: StopRequest) -> int:
+    """main's work: plan, refuse (exit 2) or announce, run (exit 3 if a run stops, 128 + signal if stopped)."""
+    skipped = []
     try:
         args = parse_args(argv)
         device = configure(args)
@@ -1680,40 +2070,72 @@ def main(argv: list[str] | None = None) -> int:
         if not args.estimate:   # every refusal (exit 2) before anything heavy starts
             for _, folder, _ in planned.values():
                 check_writable(folder)
+        child = os.environ.get(JOB_ENV)   # a run started by --jobs: its parent did the planning
+        problems = {} if child else {exp: why for exp in planned if planned[exp][2] and
+                                     (why := data_problem(exp, args, download=not args.estimate))}
+        if problems and not args.estimate:
+            if len(problems) == sum(bool(runs) for _, _, runs in planned.values()):
+                raise UsageError(next(iter(problems.values())))
+            for why in dict.fromkeys(problems.values()):
+                print(f"dgr.py: not running {', '.join(e for e in problems if problems[e] == why)}: {why}",
+                      file=sys.stderr, flush=True)
+            skipped = list(problems)
+            for exp in skipped:   # the folder check_writable made, if nothing else is in it
+                with contextlib.suppress(OSError):
+                    os.rmdir(planned[exp][1])
+            planned = {exp: plan for exp, plan in planned.items() if exp not in problems}
+        elif problems:
+            for exp, why in problems.items():
+                print(f"{exp}: would be refused: {why}", flush=True)
         n_runs = sum(len(runs) for _, _, runs in planned.values())
         jobs = min(args.jobs, n_runs)
         if jobs > 1 and device.type == "cpu":   # each run's share of the cores; its steps are timed so
             torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
-        expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
+        if child:
+            expected = {exp: (0.0, json.loads(child)[exp]) for exp in planned}
+        else:
+            expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
         per_run = [(run_seconds(exp, variant, b, expected[exp][1], checkpoint.at), exp, variant, seed)
                    for exp, (b, _, runs) in planned.items() for variant, seed, _, checkpoint in runs]
         if jobs > 1:
             at_once = fmt_seconds(makespan([seconds for seconds, *_ in per_run], jobs))
             if device.type == "cpu":
-                print(f"expected in all with --jobs {jobs} (runs at once, {torch.get_num_threads()} thread(s) each): "
+                n = torch.get_num_threads()
+                print(f"expected in all with --jobs {jobs} (runs at once, {n} thread{'s' if n > 1 else ''} each): "
                       f"about {at_once}", flush=True)
-            else:   # runs at once share one GPU: somewhere between these (H200, MPS: 5m19s for 3m41s..8m39s)
+            else:   # runs at once share one GPU: somewhere between these (reference/README.md)
                 print(f"expected in all with --jobs {jobs} (runs at once sharing one GPU): between about {at_once} "
                       f"(if they did not slow each other down) and "
                       f"{fmt_seconds(sum(seconds for seconds, *_ in per_run))} (one after another)", flush=True)
-        elif len(planned) > 1:
+        elif len(planned) > 1 and not child:
             print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
         if args.estimate:
             return 0
         if jobs > 1:
-            summaries = run_processes(sys.argv[1:] if argv is None else argv, args, planned, per_run)
+            summaries = run_processes(argv, args, planned, per_run, {exp: costs for exp, (_, costs) in expected.items()})
         else:
-            summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1]) for exp in planned]
+            summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1], stop, summarize=not child)
+                         for exp in planned]
     except UsageError as e:
         print(f"dgr.py: error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:
         print(f"dgr.py: stopped: {e}", file=sys.stderr)
         return 3
+    except Interrupted as e:
+        what = e.saved or "before any run had trained; nothing is lost"
+        then = "" if os.environ.get(JOB_ENV) else f"; continue with: {resume_command(argv)}"   # --jobs says it once
+        print(f"dgr.py: interrupted: {what}{then}", file=sys.stderr)
+        return 128 + e.signum
+    summaries = [text for text in summaries if text]
     if len(summaries) > 1:
         write_text(os.path.join(args.out, "summary.md"), "\n".join(summaries))
-    print("\n".join(summaries))
-    print(f"results, figures and summary.md are in {os.path.abspath(args.out)}")
+    if summaries:
+        print("\n".join(summaries))
+        print(f"results, figures and summary.md are in {os.path.abspath(args.out)}")
+    if skipped:
+        print(f"dgr.py: stopped: {', '.join(skipped)} not run (the reason is above)", file=sys.stderr)
+        return 3
     return 0
 
 

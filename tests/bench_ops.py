@@ -188,8 +188,8 @@ def bench_steps(device, batches, reps: int, report) -> None:
     b = dgr.Budget()
     for shape in ((1, 28, 28), (3, 32, 32)):
         s = dgr.Scholar(shape, b).to(device)
-        task = dgr.Task("bench", torch.rand(4096, *shape, device=device) * 2 - 1,
-                        torch.randint(10, (4096,), device=device), None, None)
+        x_all, y_all = torch.rand(4096, *shape, device=device) * 2 - 1, torch.randint(10, (4096,), device=device)
+        task = dgr.Task("bench", x_all, y_all, x_all[:1], y_all[:1])
         replay = dgr.Replay("generator", s.frozen_copy())
         for n in batches:
             x = task.x_train[:n]

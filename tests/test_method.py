@@ -402,9 +402,148 @@ def test_readme_reuse_example_runs(mnist):
     from conftest import ROOT
     text = open(os.path.join(ROOT, "README.md")).read()
     code = text.split("## Reusing the scholar")[1].split("```python")[1].split("```")[0]
-    assert "Budget(solver_iters=2000, gen_iters=3000)" in code
-    code = code.replace("Budget(solver_iters=2000, gen_iters=3000)", "Budget(solver_iters=40, gen_iters=3, width=8, hidden=32)")
+    assert 'b = dgr.FAST["split"]' in code
+    code = code.replace('dgr.FAST["split"]', 'dgr.Budget(solver_iters=40, gen_iters=3, gan="mlp", width=8, hidden=32)')
     printed = []
     my_tasks = dgr.split_tasks(mnist, dgr.Budget(train_limit=500, test_limit=200), seed=0)[:2]
-    exec(code, {"my_tasks": my_tasks, "print": printed.append})
-    assert len(printed) == 2 and len(printed[1]) == 2 and printed[0][0] > 90   # task 1 learnt
+    exec(code, {"my_tasks": my_tasks, "print": lambda *a: printed.append(a)})
+    assert [name for name, _ in printed] == ["0-1", "2-3"]
+    assert len(printed[1][1]) == 2 and printed[0][1][0] > 90   # task 1 learnt
+
+
+# ---------------------------------------------------------------------------------------------- your own data
+
+def pattern_tasks(shape=(3, 16, 16), n_classes=4, n=400, seed=0):
+    """Class-incremental tasks of two classes each on data that is not MNIST: each class a smooth random
+    colour pattern of its own, at a random contrast, with pixel noise; inputs in [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = shape
+    templates = torch.nn.functional.interpolate(torch.rand(n_classes, c, 4, 4, generator=g) * 2 - 1, size=(h, w),
+                                                mode="bilinear", align_corners=False)
+
+    def draw(k, m):
+        contrast = torch.rand(m, 1, 1, 1, generator=g) * 0.4 + 0.6
+        return (templates[k] * contrast + 0.3 * torch.randn(m, c, h, w, generator=g)).clamp(-1, 1)
+    tasks = []
+    for first in range(0, n_classes, 2):
+        parts = [(draw(k, n), draw(k, n // 4), k) for k in (first, first + 1)]
+        tasks.append(dgr.Task(f"{first}-{first + 1}", torch.cat([p[0] for p in parts]),
+                              torch.cat([torch.full((n,), k) for *_, k in parts]), torch.cat([p[1] for p in parts]),
+                              torch.cat([torch.full((n // 4,), k) for *_, k in parts])))
+    return tasks
+
+
+def learn_tasks(tasks, b, shape, n_classes, replay_kind):
+    """The README's reuse loop: a scholar learns `tasks` one after another; accuracy on all of them after."""
+    torch.manual_seed(0)
+    scholar = dgr.Scholar(shape, b, n_classes=n_classes)
+    opts = scholar.optimizers(b)
+    for i, task in enumerate(tasks):
+        replay = dgr.Replay() if i == 0 or replay_kind == "none" else dgr.Replay("generator", scholar.frozen_copy())
+        dgr.train_task(scholar, opts, task, replay, r=1 / (i + 1), b=b)
+    return dgr.accuracy(scholar.solver, tasks)
+
+
+def test_gr_through_the_library_on_data_that_is_not_mnist():
+    """3x16x16 colour patterns in 4 classes, two class-incremental tasks, the fast preset's kind of GAN at
+    small budgets: without replay the first task is forgotten; generative replay keeps it."""
+    tasks = pattern_tasks()
+    b = dgr.Budget(solver_iters=150, gen_iters=150, n_critic=3, gan="mlp", width=64, hidden=64, batch=64,
+                   gen_batch=64, gen_lr=8e-4, critic_lr=1.6e-3)
+    none = learn_tasks(tasks, b, (3, 16, 16), 4, "none")
+    gr = learn_tasks(tasks, b, (3, 16, 16), 4, "gr")
+    assert none[0] < 10 and none[1] > 90, none
+    assert gr[0] > 80 and gr[1] > 80, gr
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16), (1, 9, 13), (2, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 48)])
+@pytest.mark.parametrize("gan", ["conv", "mlp"])
+def test_scholar_fits_any_image_size_and_class_count(shape, gan):
+    """Both GANs generate inputs of the scholar's shape and the critic scores them; the solver has the
+    classes asked for; one task of each step kind trains."""
+    torch.manual_seed(0)
+    b = dgr.Budget(solver_iters=2, gen_iters=2, n_critic=1, gan=gan, width=4, hidden=8, cnn_channels=4, batch=4,
+                   gen_batch=4)
+    s = dgr.Scholar(shape, b, n_classes=7)
+    x = s.sample(3)
+    assert x.shape == (3, *shape) and x.abs().max() <= 1
+    assert s.critic(x).shape == (3, 1) and s.solver(x).shape == (3, 7)
+    task = dgr.Task("t", torch.rand(16, *shape) * 2 - 1, torch.arange(16) % 7, torch.rand(4, *shape) * 2 - 1,
+                    torch.arange(4))
+    dgr.train_task(s, s.optimizers(b), task, dgr.Replay("generator", s.frozen_copy()), 0.5, b)
+
+
+def test_the_paper_shapes_keep_their_networks():
+    """28x28 and 32x32 keep the DCGAN layers they had (128x7x7 and 256x4x4 starts, 4x4x256 critic maps)."""
+    b = dgr.Budget()
+    for shape, start in (((1, 28, 28), (7, 7)), ((3, 32, 32), (4, 4))):
+        s = dgr.Scholar(shape, b)
+        assert s.generator.start == start
+        convs = [m for m in s.critic if isinstance(m, torch.nn.Conv2d)]
+        assert [(m.out_channels, m.kernel_size[0]) for m in convs] == [(64, 4), (128, 4), (256, 3 if shape[1] == 28 else 4)]
+        assert s.critic[-1].in_features == 256 * 16
+
+
+def test_vectors_train_with_the_fully_connected_gan():
+    torch.manual_seed(0)
+    b = dgr.Budget(solver_iters=3, gen_iters=2, n_critic=1, gan="mlp", width=8, hidden=8, batch=4, gen_batch=4)
+    s = dgr.Scholar((20,), b, n_classes=3)
+    task = dgr.Task("v", torch.rand(12, 20) * 2 - 1, torch.arange(12) % 3, torch.rand(3, 20) * 2 - 1, torch.arange(3))
+    dgr.train_task(s, s.optimizers(b), task, dgr.Replay("generator", s.frozen_copy()), 0.5, b)
+    assert s.sample(2).shape == (2, 20)
+    with pytest.raises(ValueError, match=r"the conv GAN needs images of shape \(C, H, W\), got \(20,\)"):
+        dgr.Scholar((20,), dgr.Budget(gan="conv"))
+
+
+def bad_library_input(case):
+    """Build what `case` names, with one thing wrong."""
+    b = dgr.Budget(solver_iters=2, gen_iters=1, n_critic=1, gan="mlp", width=4, hidden=8, batch=4, gen_batch=4)
+    s = dgr.Scholar((1, 8, 8), b, n_classes=3)
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    task = lambda **kw: dgr.Task(**{"name": "t", "x_train": x, "y_train": y, "x_test": x, "y_test": y, **kw})
+    train = lambda t=None, replay=None, r=0.5, scholar=s, opts=None: dgr.train_task(
+        scholar, opts if opts is not None else scholar.optimizers(b), t or task(), replay or dgr.Replay(), r, b)
+    return {
+        "pixels in [0, 255]": lambda: task(x_train=torch.zeros_like(x).index_fill_(0, torch.tensor([1]), 255.0)),
+        "NaN input": lambda: task(x_train=x.clone().fill_(float("nan"))),
+        "float labels": lambda: task(y_train=y.float()),
+        "more labels than inputs": lambda: task(y_train=torch.cat([y, y])),
+        "no inputs": lambda: task(x_train=x[:0], y_train=y[:0]),
+        "label beyond the classes": lambda: train(task(y_train=y + 1)),
+        "another shape": lambda: train(task(x_train=x[:, :, :7], x_test=x[:, :, :7])),
+        "float64 inputs": lambda: train(task(x_train=x.double(), x_test=x.double())),
+        "a replay source typo": lambda: dgr.Replay("generatr", s.frozen_copy()),
+        "replay without the old scholar": lambda: dgr.Replay("generator"),
+        "generator replay without a generator": lambda: dgr.Replay(
+            "generator", dgr.Scholar((1, 8, 8), b, n_classes=3, with_generator=False)),
+        "r out of range": lambda: train(r=1.5),
+        "one class": lambda: dgr.Scholar((1, 8, 8), b, n_classes=1),
+        "a 4x4 image": lambda: dgr.Scholar((1, 4, 4), b),
+        "a zero batch": lambda: dgr.Budget(batch=0),
+        "negative solver steps": lambda: dgr.Budget(solver_iters=-1),
+        "missing optimizers": lambda: train(opts={"solver": s.optimizers(b)["solver"]}),
+    }[case]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("pixels in [0, 255]", r"x_train lies in \[0, 255\]; inputs must lie in \[-1, 1\]"),
+    ("NaN input", "x_train holds NaN values"),
+    ("float labels", "y_train must be int64 labels"),
+    ("more labels than inputs", "must be as long and on one device, got 6 inputs on cpu and 12 labels"),
+    ("no inputs", "has no training inputs"),
+    ("label beyond the classes", r"has label 3, the scholar's solver has 3 classes \(0..2\)"),
+    ("another shape", r"has inputs of shape \(1, 7, 8\), the scholar was made for \(1, 8, 8\)"),
+    ("float64 inputs", "is torch.float64 on cpu, the scholar torch.float32 on cpu"),
+    ("a replay source typo", "unknown replay source 'generatr': choose from generator, stored, noise, current, none"),
+    ("replay without the old scholar", "needs the previous scholar"),
+    ("generator replay without a generator", "needs a previous scholar with a generator"),
+    ("r out of range", r"r must lie in \[0, 1\], got 1.5"),
+    ("one class", "n_classes must be an integer >= 2"),
+    ("a 4x4 image", r"input shape must be \(C, H, W\) with H, W >= 8"),
+    ("a zero batch", "Budget.batch is >= 1, got 0"),
+    ("negative solver steps", "Budget.solver_iters is >= 1, got -1"),
+    ("missing optimizers", "opts must hold the optimizers solver, generator, critic"),
+])
+def test_the_library_refuses_what_does_not_fit_with_a_reason(case, message):
+    with pytest.raises(ValueError, match=message):
+        bad_library_input(case)()

@@ -371,7 +371,8 @@ def test_graphed_training_equals_eager_training(device, source, gan, monkeypatch
         monkeypatch.setitem(dgr.GRAPHS, "on", graphs)
         torch.manual_seed(0)
         x = torch.rand(256, 1, 28, 28, device=device) * 2 - 1
-        task = dgr.Task("t", x, torch.randint(10, (256,), device=device), x[:8], None)
+        y = torch.randint(10, (256,), device=device)
+        task = dgr.Task("t", x, y, x[:8], y[:8])
         s = dgr.Scholar((1, 28, 28), b).to(device)
         replay = dgr.Replay(source, s.frozen_copy(), pool=[x[:100], x[100:]])
         dgr.train_task(s, s.optimizers(b), task, replay, 0.5, b, train_generator=source == "generator")

@@ -219,3 +219,32 @@ def test_a_cuda_checkpoint_resumes_with_the_optimizers_own_lr():
     loss = s.solver(torch.zeros(2, 1, 28, 28)).sum()
     loss.backward()
     run.opts["solver"].step()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_run_saves_its_step_and_resumes_to_the_same_results(tmp_path_factory, signum):
+    """Ctrl-C (or SIGTERM, as a cluster's scheduler sends) during training: the step in progress ends, a
+    checkpoint is saved, one line names it and the command that continues, exit 130 (143); that command
+    ends with the results of an uninterrupted run."""
+    import subprocess
+    import sys
+    whole = whole_run(tmp_path_factory, SHORT)
+    out = str(tmp_path_factory.mktemp("interrupted"))
+    env = {**os.environ, "DGR_DATA": DATA, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "dgr.py", *SHORT, "--out", out], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if "task 2-3 solver 20/60" in line:   # in the middle of the second task
+            proc.send_signal(signum)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, stderr
+    last = stderr.strip().splitlines()[-1]
+    ckpt = os.path.join(out, "split", "gr_seed0.ckpt")
+    assert last.startswith(f"dgr.py: interrupted: split GR seed 0 saved at task 2, solver step ")
+    assert f" to {ckpt}; continue with: python dgr.py " in last and last.endswith(" --resume"), last
+    assert "Traceback" not in stderr and not os.path.exists(os.path.join(out, "split", "gr_seed0.json"))
+    command = last.split("continue with: ")[1].split()[2:]
+    resumed = run_dgr(*command)
+    assert resumed.returncode == 0, resumed.stderr
+    assert results_of(out) == results_of(whole)

@@ -15,7 +15,8 @@ torch.manual_seed(0)
 s = dgr.Scholar((1, 28, 28), b)
 opts = s.optimizers(b)
 x = torch.rand(256, 1, 28, 28) * 2 - 1
-task = dgr.Task("t", x, torch.randint(10, (256,)), x, None)
+y = torch.randint(10, (256,))
+task = dgr.Task("t", x, y, x, y)
 def iteration(average):
     def run():
         for _ in range(b.n_critic):

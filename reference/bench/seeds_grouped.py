@@ -100,7 +100,7 @@ class GroupedGenerator(nn.Module):
 
     def forward(self, z):
         h = self.fc_rest(self.fc(z).reshape(len(z), -1))
-        return self.net(h.view(len(z), -1, self.start, self.start))
+        return self.net(h.view(len(z), -1, *self.start))
 
 
 def seed_draws(n: int, k: int, z_dim: int, device):
