@@ -4,8 +4,9 @@
 #   bash reference/frontier/run.sh [NAME ...]   # the points named (default: all), one after another
 # Each point is one dgr.py run (paper preset plus --budget overrides) into reference/frontier/NAME/;
 # a finished point is kept (--resume). Run it on an otherwise idle machine: the wall times are the x axis.
-# Then frontier.json (all points) and one figure per experiment (frontier.png: split; frontier_permuted.png;
-# chain's points, one accuracy per link, are in frontier.json and reference/README.md only) are made from the points' results.
+# Then frontier.json (all points) is made from the points' results, and reference/frontier/plot.py draws one figure
+# per experiment from it (frontier.png: split; frontier_permuted.png; chain's points, one accuracy per link, are in
+# frontier.json and reference/README.md only); plot.py alone redraws them from the committed JSON.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 declare -A POINTS=(
@@ -67,21 +68,7 @@ for name in "${names[@]}"; do
 done
 python - <<'PY'
 import glob, json, os
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import dgr
-# per experiment: its goal and the published number beside it (theirs), for the figure
-EXPS = {"split": ("frontier.png", "split MNIST, class-incremental", 92, 90.79, (85, 95)),
-        "permuted": ("frontier_permuted.png", "permuted MNIST, 10 tasks", 95, 95.09, (75, 100))}
-# points that ran side by side (OMP_NUM_THREADS=1 each): their wall times are not those of a run alone
-SHARED = {"permuted-mlp256-g3000-s5000", "permuted-mlp256-g3000-s2500-distill", "mlp128-g1500-c3-s2000-lr1e-3",
-          "mlp128-g1500-c3-s2000-lr1e-3-cos", "mlp128-g1500-c3-s2000-lr3e-4-cos",
-          "mlp128-g3000-c3-s1000-lr3e-4-cos", "mlp256-g1500-c3-s1000-lr3e-4-cos",
-          "mlp128-g1500-c3-s1000-lr3e-4-cos-drop0.2", "mlp128-g1500-c3-s1000-lr3e-4-cos-h1000-drop0.3",
-          "chain-mlp256-g3000", "chain-mlp256-g6000", "chain-mlp512-g3000",
-          "permuted-mlp256-g3000-s5000-ema-lr3e-4", "permuted-mlp256-g3000-s5000-ema-gb128",
-          "permuted-mlp256-g3000-s5000-ema-h1000"}
 points = []
 for path in sorted(glob.glob("reference/frontier/*/*/gr*_seed0.json")):
     res = json.load(open(path))
@@ -92,28 +79,12 @@ for path in sorted(glob.glob("reference/frontier/*/*/gr*_seed0.json")):
 # delete frontier.json to time them again, on an idle machine
 old = json.load(open("reference/frontier/frontier.json")) if os.path.exists("reference/frontier/frontier.json") else {}
 paper = old.get("paper_preset_projected", {})
-for exp in EXPS:
+for exp in ("split", "permuted"):
     if exp not in paper:
         seconds, costs = dgr.expected_time(exp, dgr.PAPER[exp], ["gr"], dgr.torch.device("cpu"))
         paper[exp] = {"minutes": seconds / 60, "step_costs_s": costs, "machine": dgr.machine_name(dgr.torch.device("cpu"))}
 dgr.write_json("reference/frontier/frontier.json", {"points": points, "paper_preset_projected": paper})
-for exp, (png, title, goal, theirs, ylim) in EXPS.items():
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for i, p in enumerate(sorted((p for p in points if p["exp"] == exp), key=lambda p: p["minutes"]), 1):
-        shared = p["name"] in SHARED
-        ax.scatter(p["minutes"], p["avg"], marker="o" if p["variant"] == "gr" else "^", s=36,
-                   facecolors="none" if shared else None, edgecolors=f"C{i - 1}", color=f"C{i - 1}")
-        ax.annotate(str(i), (p["minutes"], p["avg"]), fontsize=8, xytext=(5, -3), textcoords="offset points")
-        ax.plot([], [], " ", label=f"{i}: {p['name']} ({p['variant']}) {p['avg']:.2f} %, {p['minutes']:.1f} min"
-                + (" (beside another run)" if shared else ""))
-    ax.axvline(paper[exp]["minutes"], color="grey", ls="--",
-               label=f"paper preset (conv GAN), projected: {paper[exp]['minutes']:.0f} min")
-    ax.axhline(goal, color="green", ls=":", lw=1, label=f"goal: {goal} %")
-    ax.axhline(theirs, color="purple", ls="-.", lw=1, label=f"van de Ven et al. DGR (VAE), published {theirs} (theirs)")
-    ax.set(xscale="log", xlabel="wall time on 2 CPU cores (minutes, log); alone unless hollow", ylabel="final average accuracy (%)",
-           title=f"GR on {title}, seed 0", ylim=ylim)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(f"reference/frontier/{png}", dpi=110)
 print(json.dumps({p["name"]: round(p["avg"], 2) for p in points}, indent=1))
 PY
+# the figures, from frontier.json and the committed preset runs only
+python reference/frontier/plot.py
