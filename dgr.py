@@ -97,7 +97,7 @@ class Budget:
     eval_every: int = 250         # evaluate every k solver steps
     train_limit: int = 0          # use at most this many training images per task (0: all)
     test_limit: int = 0           # evaluate on at most this many test images per task (0: all)
-    gan: str = "conv"             # conv: DCGAN convolutions; mlp: fully connected (~10x cheaper on a CPU)
+    gan: str = "conv"             # conv: DCGAN convolutions; mlp: fully connected (far cheaper on a CPU)
     width: int = 64               # conv: base channels (critic 64-128-256); mlp: hidden units (z-w-2w-out, in-2w-w-1)
     hidden: int = 400             # MLP solver hidden units (784-400-400-10)
     dropout: float = 0.0          # solver: dropout after each hidden layer (0: none)
@@ -694,8 +694,7 @@ def random_batch(task: Task, n: int):
 def critic_step(s: Scholar, opt, x_real: torch.Tensor, lam: float) -> torch.Tensor:
     """One WGAN-GP critic step. Real and fake inputs are scored in one batch, the interpolates apart: the
     penalty's input gradient and its double backward then run over n rows, not the 3n of one batch of
-    all three (whose 2n other rows carry zero gradient). Same numbers; on 2 CPU cores 1.5-1.6x faster
-    with the DCGAN critic, 1.2x with the fully connected one."""
+    all three (whose 2n other rows carry zero gradient): the same numbers for less work."""
     n = len(x_real)
     x_fake = s.sample(n, trained=True)
     eps = torch.rand(n, *[1] * (x_real.dim() - 1), device=x_real.device)
@@ -1228,7 +1227,7 @@ class Progress:
     """Progress lines with rate and ETA. The ETA adds up, for each kind of step (STEP_KINDS; a generator
     step counts with its critic steps), the steps left times the seconds per step measured so far; a
     kind not yet seen uses its calibrated cost (`step_costs`), scaled by how far the kinds already
-    measured strayed from theirs. So a GR run, whose generator steps cost ~100x a solver step on a CPU,
+    measured strayed from theirs. So a GR run, whose generator steps cost far more than its solver steps,
     gets a right ETA from its first generator progress line."""
 
     def __init__(self, label: str, plan: dict[str, int], cost: dict[str, float] | None = None, clock=time.monotonic):
@@ -1273,7 +1272,7 @@ def add_plans(plans) -> dict[str, int]:
 def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, reps: int = 2) -> dict[str, float]:
     """Seconds per step of each kind (STEP_KINDS), timed on random inputs of `shape` after warm-up, each
     step run as train_task runs it (with --graphs on CUDA a replayed graph: eager costs overestimated a
-    graphed paper split run 2.8x on the H100); the random streams of the caller are left as they were."""
+    graphed run by a wide margin); the random streams of the caller are left as they were."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         s = Scholar(shape, b, n_heads, with_generator=generative).to(device)
         opts = s.optimizers(b)
