@@ -35,6 +35,7 @@ import os
 import platform
 import shlex
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -151,6 +152,8 @@ def budget_field_error(name: str, value) -> str | None:
         ok, want = 0 <= value < 1, "in [0, 1)"
     elif name in BUDGET_MAY_BE_ZERO:
         ok, want = value >= 0, ">= 0"
+    elif name == "gen_batch":   # the generator's batch norm needs two samples
+        ok, want = value >= 2, ">= 2"
     elif isinstance(value, int):
         ok, want = value >= 1, ">= 1"
     else:
@@ -269,17 +272,27 @@ class Task:
                              f"{tuple(self.x_test.shape[1:])} on {self.x_test.device})")
 
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+class DataError(Exception):
+    """A dataset missing and not downloadable, or a dataset file that is damaged: what and where."""
 
 
-def open_dataset(cls, root: str, expected: str, folder: str, **kwargs):
-    """A torchvision dataset from root; download when missing; one FileNotFoundError naming the files when that fails
-    (removing `folder`, the dataset's own folder, if the failed download left it new and empty)."""
-    try:
-        return cls(root, download=False, **kwargs)
-    except RuntimeError:
-        pass
+# MNIST's raw files (as torchvision keeps them): the idx magic number and the number of items of each
+MNIST_FILES = {"train-images-idx3-ubyte": (2051, 60000), "train-labels-idx1-ubyte": (2049, 60000),
+               "t10k-images-idx3-ubyte": (2051, 10000), "t10k-labels-idx1-ubyte": (2049, 10000)}
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+
+
+def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
+    """A torchvision dataset from `root`. Its files (`paths`) present: loaded, else a DataError saying that
+    they are damaged; missing: downloaded, else a DataError naming them (and `folder`, the dataset's own
+    folder, removed if the failed download left it new and empty)."""
+    if all(os.path.exists(p) for p in paths):
+        try:
+            return cls(root, download=False, **kwargs)
+        except Exception as e:   # torchvision's checksum, a truncated or foreign file
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"{cls.__name__}'s {', '.join(paths)} cannot be read ({type(e).__name__}: {reason}): "
+                            "damaged or incomplete; delete it to download it again") from None
     existed = os.path.exists(folder)
     try:
         return cls(root, download=True, **kwargs)
@@ -287,17 +300,35 @@ def open_dataset(cls, root: str, expected: str, folder: str, **kwargs):
         if not existed and not any(files for _, _, files in os.walk(folder)):
             import shutil
             shutil.rmtree(folder, ignore_errors=True)
-        raise FileNotFoundError(f"{cls.__name__} is not in {os.path.abspath(root)} and could not be downloaded "
-                         f"({type(e).__name__}). Expected files: {expected}. Set --data-dir or DGR_DATA.") from None
+        raise DataError(f"{cls.__name__} is not in {os.path.abspath(os.path.dirname(paths[0]))} and could not be "
+                        f"downloaded ({type(e).__name__}). Expected files: {', '.join(map(os.path.abspath, paths))}. "
+                        "Set --data-dir or DGR_DATA.") from None
+
+
+def mnist_file_problem(path: str, magic: int, n: int) -> str | None:
+    """Why MNIST's raw file at `path` is not what it should be (its idx header and size), or None."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size, want = os.path.getsize(path), (16 + 784 * n if magic == 2051 else 8 + n)
+    got = (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")) if len(head) == 8 else None
+    if got == (magic, n) and size == want:
+        return None
+    return (f"{path} is not MNIST's {os.path.basename(path)} (header {got}, {size} bytes; expected {(magic, n)}, "
+            f"{want} bytes): delete it to download it again")
 
 
 def load_mnist(data_dir: str, device, rgb32: bool = False):
     """MNIST as (x_train, y_train, x_test, y_test); 28x28x1, or 32x32x3 (padded, channel repeated)."""
     from torchvision.datasets import MNIST
-    expected = ", ".join(os.path.join(os.path.abspath(data_dir), "MNIST", "raw", f) for f in MNIST_FILES)
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    paths = [os.path.join(raw, f) for f in MNIST_FILES]
+    if all(os.path.exists(p) for p in paths):
+        for path, (magic, n) in zip(paths, MNIST_FILES.values()):
+            if (why := mnist_file_problem(path, magic, n)):
+                raise DataError(why)
     out = []
     for train in (True, False):
-        ds = open_dataset(MNIST, data_dir, expected, os.path.join(data_dir, "MNIST"), train=train)
+        ds = open_dataset(MNIST, data_dir, paths, os.path.join(data_dir, "MNIST"), train=train)
         x = ds.data.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
         if rgb32:
             x = F.pad(x, (2, 2, 2, 2), value=-1.0).repeat(1, 3, 1, 1)
@@ -309,10 +340,9 @@ def load_svhn(data_dir: str, device):
     """SVHN (cropped digits) as (x_train, y_train, x_test, y_test), 32x32x3, labels 0..9."""
     from torchvision.datasets import SVHN
     root = os.path.join(data_dir, "SVHN")
-    expected = ", ".join(os.path.join(os.path.abspath(root), f) for f in SVHN_FILES)
     out = []
-    for split in ("train", "test"):
-        ds = open_dataset(SVHN, root, expected, root, split=split)
+    for split, file in SVHN_FILES.items():
+        ds = open_dataset(SVHN, root, [os.path.join(root, file)], root, split=split)
         out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
                 torch.from_numpy(ds.labels).long().to(device)]
     return tuple(out)
@@ -515,8 +545,8 @@ class Scholar(nn.Module):
         """n samples of the generator this scholar replays (the weight average, where kept), or with
         trained=True of the generator in training (the critic's fakes)."""
         generator = self.generator if trained or self.generator_ema is None else self.generator_ema
-        z = torch.randn(n, self.z_dim, device=next(generator.parameters()).device)
-        return generator(z)   # train-mode batch norm, as in training
+        z = torch.randn(max(n, 2), self.z_dim, device=next(generator.parameters()).device)
+        return generator(z)[:n]   # train-mode batch norm, as in training: it needs two samples at least
 
     @torch.no_grad()
     def average_generator(self, decay: float, step: int) -> None:
@@ -796,7 +826,10 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
     for step in range(start + 1, b.solver_iters + 1):
         if b.solver_schedule == "cosine":
             set_lr(opts["solver"], b.solver_lr * cosine(step, b.solver_iters))
-        callback("solver", step, {"solver": solver()})
+        losses = {"solver": solver()}
+        if step % b.eval_every == 0 or step == b.solver_iters:   # a host sync, now and then
+            check_losses(losses, f"task {task.name} solver step {step}")
+        callback("solver", step, losses)
     if not train_generator or s.generator is None:
         return
 
@@ -813,7 +846,24 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         losses = gan_step()
         if s.generator_ema is not None:
             s.average_generator(b.gen_ema, step)
+        if step % generator_check_every(b) == 0 or step == b.gen_iters:
+            check_losses(losses, f"task {task.name} generator step {step}")
         callback("generator", step, losses)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss turned NaN or infinite: training stops rather than go on from poisoned weights."""
+
+
+def check_losses(losses: dict, where: str) -> None:
+    for name, value in losses.items():
+        if not math.isfinite(float(value)):
+            raise NonFiniteLoss(f"non-finite {name} loss ({float(value)}) at {where}")
+
+
+def generator_check_every(b: Budget) -> int:
+    """Generator steps between loss checks and progress lines: as many per task as solver evaluations."""
+    return max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
 
 
 def check_training_inputs(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, train_generator: bool):
@@ -865,6 +915,8 @@ def warm_up_head(s: Scholar, task: Task, b: Budget, callback=lambda phase, step,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step == b.warmup_iters:
+            check_losses({"warm-up": loss}, f"task {task.name} head warm-up")
         callback("warm-up", step, {"warm-up": loss.detach()})
 
 
@@ -1335,11 +1387,20 @@ def makespan(seconds: list[float], jobs: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: one dict, {fingerprint, elapsed, run: Run.state_dict()}, saved in one place (Checkpoint.save)
-# and loaded with weights_only=True (tensors, numbers, strings and containers of them: nothing runs).
+# and loaded with weights_only=True (tensors, numbers, strings and containers of them: nothing runs), then
+# checked against the run before it is trusted. Every file is written by `replacing` (temp file + rename).
 
 
 class RunStopped(Exception):
     """A run cannot go on (exit 3): its message names the last checkpoint to resume from."""
+
+
+class Diverged(RunStopped):
+    """Non-finite weights at a checkpoint: the run stops rather than replace a good checkpoint."""
+
+
+class WriteFailed(RunStopped):
+    """A file could not be written (a full disk, a read-only or lost mount): the earlier file is kept."""
 
 
 class Interrupted(Exception):
@@ -1387,16 +1448,6 @@ class StopRequest:
             self.in_run = False
 
 
-class Diverged(RunStopped):
-    """A non-finite loss or weight: the run stops rather than poison what follows or its checkpoint."""
-
-
-def check_finite(where: str, losses: dict) -> None:
-    for name, value in losses.items():
-        if not math.isfinite(float(value)):
-            raise Diverged(f"non-finite {name} loss ({float(value)}) at {where}")
-
-
 def first_non_finite(obj, name: str = "") -> str | None:
     """The name of the first floating tensor in a (nested) dict/list that holds a NaN or inf, else None."""
     if isinstance(obj, torch.Tensor):
@@ -1405,18 +1456,20 @@ def first_non_finite(obj, name: str = "") -> str | None:
     return next((bad for key, value in items if (bad := first_non_finite(value, f"{name}.{key}" if name else str(key)))), None)
 
 
-def position(stage: int, step: int, b: Budget) -> str:
+def position(stage: int, step: int, b: Budget, n_tasks: int = 0) -> str:
     """'task 2, generator step 40': where a run is, in words (step counts solver, then generator steps)."""
+    if n_tasks and stage >= n_tasks:
+        return "the end of the last task"
     phase, k = ("solver", step) if step <= b.solver_iters else ("generator", step - b.solver_iters)
     return f"task {stage + 1}, {phase} step {k}" if step else f"the start of task {stage + 1}"
 
 
 class Checkpoint:
-    """A run's checkpoint file, written atomically (temp file + rename) at every task end and every
-    `every` solver or generator steps."""
+    """A run's checkpoint file, written atomically at every task end and every `every` solver or generator
+    steps. `fits(state)` says why a loaded state does not fit the run (its layout, its position), or None."""
 
-    def __init__(self, path: str, every: int = 0, fingerprint: dict | None = None):
-        self.path, self.every, self.fingerprint = path, every, fingerprint or {}
+    def __init__(self, path: str, every: int = 0, fingerprint: dict | None = None, fits=lambda state: None):
+        self.path, self.every, self.fingerprint, self.fits = path, every, fingerprint or {}, fits
         self.started, self.earlier = time.time(), 0.0
         self.at = (0, 0)   # where the saved run stands, (stage, step), once loaded
 
@@ -1433,22 +1486,47 @@ class Checkpoint:
         return self.earlier + time.time() - self.started
 
     def load(self) -> dict | None:
-        """The saved run state, None if there is none; ValueError if unreadable or from another run."""
+        """The saved run state, None if there is none; ValueError if unreadable, from another run, or not
+        fitting this run."""
         if not os.path.exists(self.path):
             return None
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            fingerprint, state = saved["fingerprint"], saved["run"]
+            fingerprint, state, elapsed = saved["fingerprint"], saved["run"], float(saved["elapsed"])
         except Exception as e:
             raise ValueError(f"checkpoint {self.path} is unreadable ({type(e).__name__})") from None
         if fingerprint != self.fingerprint:
             raise ValueError(f"checkpoint {self.path} {other_run(fingerprint, self.fingerprint)}")
-        self.earlier, self.at = saved["elapsed"], (state["stage"], state["step"])
+        if (why := self.fits(state)):
+            raise ValueError(f"checkpoint {self.path} is unreadable ({why})")
+        self.earlier, self.at = elapsed, (state["stage"], state["step"])
         return state
+
+
+def state_problem(state, exp: str, variant: str, b: Budget) -> str | None:
+    """Why a checkpoint's run state does not fit the run (exp, variant, b): its position out of range, or its
+    layout (keys, shapes) not that of the run's networks and optimizers, else None."""
+    n_tasks = len(run_plan(exp, VARIANTS[variant], b))
+    if not isinstance(state, dict):
+        return "its state is not a dict"
+    stage, step = state.get("stage"), state.get("step")
+    if not (type(stage) is int and type(step) is int and 0 <= stage <= n_tasks
+            and 0 <= step <= b.solver_iters + b.gen_iters and not (stage == n_tasks and step)):
+        return f"its position, task {stage!r} step {step!r}, lies outside this run's {n_tasks} tasks"
+    shape = (1, 28, 28) if exp in MNIST28_EXPERIMENTS else (3, 32, 32)
+    with torch.random.fork_rng():
+        s = Scholar(shape, b, 1 + (exp == "lwf"), VARIANTS[variant].generative)
+        try:
+            Run(s, s.optimizers(b)).load_state_dict(state)
+        except Exception as e:
+            return f"its contents do not fit this run: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    return None
 
 
 def other_run(saved: dict, fingerprint: dict) -> str:
     """Why a saved result or checkpoint is not this run's: another version of dgr.py, or other settings."""
+    if not isinstance(saved, dict):
+        return "is not a result of dgr.py"
     if set(saved) != set(fingerprint):
         missing, extra = sorted(set(fingerprint) - set(saved)), sorted(set(saved) - set(fingerprint))
         return ("was written by another version of dgr.py (its settings " + "; ".join(
@@ -1457,25 +1535,64 @@ def other_run(saved: dict, fingerprint: dict) -> str:
     return f"belongs to another run (differs in: {differ or 'nothing'})"
 
 
-def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget) -> dict:
-    """What makes two runs the same run: a checkpoint or result resumes only under the same fingerprint."""
+def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget, runs_on: dict) -> dict:
+    """What makes two runs the same run, everything that changes its numbers: a checkpoint or result resumes
+    only under the same fingerprint. runs_on: the device type, the loss implementation and CUDA graphs."""
     return json.loads(json.dumps({"exp": exp, "variant": variant, "seed": seed, "preset": args.preset, "r": args.r,
                                   "replay_targets": args.replay_targets, "temperature": args.temperature,
-                                  **dataclasses.asdict(b)}))   # as JSON has it
+                                  **runs_on, **dataclasses.asdict(b)}))   # as JSON has it
+
+
+def temp_name(path: str) -> str:
+    """A temp file beside `path`, one per process and host: processes and jobs may share a folder."""
+    return f"{path}.{socket.gethostname()}-{os.getpid()}.tmp"
 
 
 @contextlib.contextmanager
 def replacing(path: str):
-    """Yields a temp path to write; renamed over `path` once written, so no reader sees half a file
-    (a failed write removes the temp file and leaves `path` as it was)."""
-    tmp = f"{path}.{os.getpid()}.tmp"   # one per process: jobs may share a folder
+    """Yields a temp path to write; renamed over `path` once written, so no reader sees half a file. A failed
+    write, whatever raised it (torch.save and matplotlib raise their own errors for a full disk), removes the
+    temp file, leaves `path` as it was, and raises WriteFailed naming the file."""
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, Interrupted):
+            raise
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[-1][:200]
+        raise WriteFailed(f"writing {path} failed ({type(e).__name__}: {reason})") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def remove_stale_temp_files(folder: str, stems: list[str]) -> None:
+    """Temp files that a killed process left: those of the runs this process holds (`stems`), and this
+    host's of the folder's figures and summary whose process is gone."""
+    host = socket.gethostname()
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if not name.endswith(".tmp"):
+            continue
+        owner = name[:-4].rsplit(".", 1)[-1]
+        mine = any(name.startswith(os.path.basename(stem) + ".") for stem in stems)
+        gone = owner.startswith(host + "-") and not process_alive(owner[len(host) + 1:])
+        if mine or gone:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def process_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text(path: str, text: str) -> None:
@@ -1487,16 +1604,92 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
+class RunLock:
+    """One writer per run: an OS lock on `<stem>.lock` (flock), held while the run trains and released by the
+    OS if the process dies, so a killed run never leaves a stale lock. The file names its holder."""
+
+    def __init__(self, path: str):
+        self.path, self.fd = path, None
+
+    def acquire(self) -> str | None:
+        """Take the lock: None, or who holds it."""
+        import fcntl
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+                os.close(fd)
+                return holder or "another process"
+            try:   # the holder may have removed the file between our open and our lock: lock the new one
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return None
+
+    def holder(self) -> str | None:
+        """Who holds the lock now, or None; takes nothing and makes no file."""
+        import fcntl
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except OSError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class PlannedRun:
+    """A run to do: where its results go (`stem` + .json, .ckpt, .lock, _samples_*.png) and its checkpoint."""
+    exp: str
+    variant: str
+    seed: int
+    stem: str
+    checkpoint: Checkpoint
+    lock: RunLock | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.exp} {VARIANTS[self.variant].label(self.exp)} seed {self.seed}"
+
+
+@dataclass
+class ExperimentPlan:
+    """An experiment's budget, its folder in --out, and its runs to do."""
+    b: Budget
+    folder: str
+    runs: list[PlannedRun]
+
+
 # ----------------------------------------------------------------------------------------------------
-# Running an experiment's runs: progress, NaN guard and checkpoints around run_one; one JSON per run.
+# Running an experiment's runs: progress, checkpoints and the stop request around run_one; a JSON per run.
 
 
 def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Checkpoint, stop: StopRequest):
-    """The on_step of a run: progress lines with ETA, finite losses at each line, checkpoints, and the stop
-    that a first Ctrl-C or SIGTERM asks for, after the step in progress and its checkpoint."""
+    """The on_step of a run: progress lines with ETA, checkpoints, and the stop that a first Ctrl-C or
+    SIGTERM asks for, after the step in progress and its checkpoint."""
     progress = Progress(label, add_plans(plans), costs)
     progress.skip(steps_done(plans, *checkpoint.at, b))
-    log_every = max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
+    log_every = generator_check_every(b)
 
     def on_step(run: Run, task: Task, phase: str, step: int, info: dict) -> None:
         if phase == "end":
@@ -1504,14 +1697,11 @@ def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Che
         replays = "replay " if "replay solver" in plans[run.stage] else ""
         progress.advance("solver" if phase == "warm-up" else replays + phase)
         if phase == "warm-up" and step == b.warmup_iters:
-            check_finite(f"task {task.name} head warm-up", info)
             progress.line(f"task {task.name} head warm-up {step} steps loss {float(info['warm-up']):.3f}")
         if "acc" in info:
-            check_finite(f"task {task.name} solver step {step}", {"solver": info["solver"]})
             progress.line(f"task {task.name} solver {step}/{b.solver_iters} loss {float(info['solver']):.3f} | acc "
                           + " ".join(f"{a:.1f}" for a in info["acc"]) + f" | avg {sum(info['acc']) / len(info['acc']):.2f}")
         if phase == "generator" and (step % log_every == 0 or step == b.gen_iters):
-            check_finite(f"task {task.name} generator step {step}", info)
             progress.line(f"task {task.name} generator {step}/{b.gen_iters} critic {float(info['critic']):.3f} "
                           f"generator {float(info['generator']):.3f}")
         if phase != "warm-up" and (stop.signum or checkpoint.every and step % checkpoint.every == 0):
@@ -1521,54 +1711,60 @@ def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Che
     return on_step
 
 
-def run_experiment(exp: str, args: Args, device, b: Budget, folder: str, runs: list, costs: dict,
-                   stop: StopRequest, summarize: bool = True) -> str:
+def run_experiment(exp: str, args: Args, device, plan: ExperimentPlan, costs: dict, stop: StopRequest,
+                   summarize: bool = True) -> str:
     """All planned runs of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
-    try:
-        data = load_data(exp, args, device) if runs else {}
-    except FileNotFoundError as e:   # a dataset missing and not downloadable
-        raise UsageError(str(e)) from None
-    for variant, seed, stem, checkpoint in runs:
-        label = f"{exp} {VARIANTS[variant].label(exp)} seed {seed}"
+    b = plan.b
+    data = load_data(exp, args, device) if plan.runs else {}
+    for run in plan.runs:
+        checkpoint, label = run.checkpoint, run.label
         checkpoint.started = time.time()
         try:
             state = checkpoint.load()
             if state is not None:
-                print(f"resuming from {checkpoint.path} at {position(state['stage'], state['step'], b)}", flush=True)
-            on_step = watch(label, run_plan(exp, VARIANTS[variant], b), costs, b, checkpoint, stop)
+                where = position(state["stage"], state["step"], b, len(run_plan(exp, VARIANTS[run.variant], b)))
+                print(f"resuming from {checkpoint.path} at {where}", flush=True)
+            on_step = watch(label, run_plan(exp, VARIANTS[run.variant], b), costs, b, checkpoint, stop)
             with stop.during_run():
-                result = run_one(exp, variant, seed, args, data, b, on_step=on_step, state=state)
+                result = run_one(exp, run.variant, run.seed, args, data, b, on_step=on_step, state=state)
             samples = result.pop("samples")
-            result.update(exp=exp, variant=variant, name=VARIANTS[variant].label(exp), seed=seed,
+            result.update(exp=exp, variant=run.variant, name=VARIANTS[run.variant].label(exp), seed=run.seed,
                           wall_time_s=round(checkpoint.elapsed(), 2), machine=machine_name(device),
                           provenance=provenance(device), fingerprint=checkpoint.fingerprint,
                           config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
-            write_json(stem + ".json", result)
+            write_json(run.stem + ".json", result)
             for key, rows in samples.items():
-                save_sample_rows(*sample_figure(label, key, rows), f"{stem}_samples_{key}.png")
+                save_sample_rows(*sample_figure(label, key, rows), f"{run.stem}_samples_{key}.png")
         except Interrupted as e:
             last = e.saved or (f"the last checkpoint is {checkpoint.path}" if os.path.exists(checkpoint.path)
                                else "no checkpoint was saved")
             raise Interrupted(e.signum, f"{label} {last}") from None
-        except (Diverged, OSError) as e:
-            what = f"{label}: " + (str(e) if isinstance(e, Diverged) else f"writing failed ({e})")
+        except (RunStopped, NonFiniteLoss, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not (args.detect_anomaly and "nan" in str(e).lower()):
+                raise
+            text = str(e) if not isinstance(e, RuntimeError) else f"anomaly detection: {str(e).splitlines()[0]}"
             last = f"the last checkpoint is {checkpoint.path}" if os.path.exists(checkpoint.path) else "no checkpoint was saved"
-            hint = "--detect-anomaly to find the operation" if isinstance(e, Diverged) else "free space or choose another --out"
-            raise RunStopped(f"{what}; {last} (rerun with --resume after a fix; {hint})") from None
+            hint = ("free space or choose another --out, then --resume" if isinstance(e, WriteFailed) else
+                    "--resume retries from it with the same settings; other settings need --overwrite or another "
+                    "--out" + ("" if args.detect_anomaly else "; --detect-anomaly finds the operation"))
+            raise RunStopped(f"{label}: {text}; {last} ({hint})") from None
         if os.path.exists(checkpoint.path):
             os.remove(checkpoint.path)
-        print(f"{label}: final avg {result['final']['avg']:.2f} % in {fmt_seconds(result['wall_time_s'])} -> {stem}.json", flush=True)
-    if not summarize:
-        return ""
-    plot_experiment(folder)
-    return write_summary(folder)
+        if run.lock:
+            run.lock.release()
+        print(f"{label}: final avg {result['final']['avg']:.2f} % in {fmt_seconds(result['wall_time_s'])} -> {run.stem}.json", flush=True)
+    return summarize_folder(plan.folder) if summarize else ""
 
 
 def provenance(device) -> dict:
     """What made a result: the software, the device, and the loss implementation that actually ran."""
-    probe = torch.empty(0, device=device)
     return {"torch": torch.__version__, "python": platform.python_version(), "dgr_commit": git_commit(),
-            "device": str(device), "cpu": cpu_model(), "impl": "ext" if use_extension(probe) else "torch"}
+            "device": str(device), "cpu": cpu_model(), "impl": impl_in_use(device)}
+
+
+def impl_in_use(device) -> str:
+    """The losses' implementation that serves `device` now: ext (the fused op) or torch."""
+    return "ext" if use_extension(torch.empty(0, device=device)) else "torch"
 
 
 @functools.cache
@@ -1604,7 +1800,7 @@ def machine_name(device) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Figures and tables, made from the results JSON in an experiment folder.
+# Figures and tables, made from the results JSON in an experiment folder, a set per configuration.
 
 
 TITLES = {"chain": "Chain of scholars (Table 1)", "permuted": "Permuted MNIST (Fig. 2)",
@@ -1684,20 +1880,13 @@ def mean_band(ax, x, ys: list[list[float]], **style):
     return mean
 
 
-def load_results(folder: str) -> list[dict]:
-    results = []
-    for f in sorted(f for f in os.listdir(folder) if f.endswith(".json") and "_seed" in f):
-        with open(os.path.join(folder, f)) as fh:
-            results.append(json.load(fh))
-    return results
-
-
-def plot_experiment(folder: str) -> str:
-    """accuracy.png: for each variant, each task's test accuracy during training (tasks' boundaries dotted);
-    the average over the tasks seen (chain: each solver's accuracy); the final accuracy of each variant.
-    With several seeds, means with a +-sd band."""
+def plot_experiment(results: list[dict], path: str, setting: str = "") -> str:
+    """The accuracy figure of runs of one configuration: for each variant, each task's test accuracy during
+    training (tasks' boundaries dotted); the average over the tasks seen (chain: each solver's accuracy);
+    the final accuracy of each variant. With several seeds, means with a +-sd band. `setting` names what
+    sets these runs apart from others in their folder."""
     plt = pyplot()
-    by_variant = group_results(load_results(folder))
+    by_variant = group_results(results)
     variants = [v for v in VARIANTS if v in by_variant]
     first = by_variant[variants[0]][0]
     exp, budget, chain = first["exp"], first["config"]["budget"], first["exp"] == "chain"
@@ -1758,9 +1947,109 @@ def plot_experiment(folder: str) -> str:
     seeds = sorted({r["seed"] for runs in by_variant.values() for r in runs})
     several = any(len(runs) > 1 for runs in by_variant.values())
     fig.suptitle(f"{TITLES.get(exp, exp)}: {first['config']['args']['preset']} preset, {seeds_text(seeds)}"
-                 + (" (mean ± sd over seeds)" if several else ""))
+                 + (" (mean ± sd over seeds)" if several else "") + (f"\n{setting}" if setting else ""))
     fig.tight_layout()
-    return save_figure(fig, os.path.join(folder, "accuracy.png"))
+    return save_figure(fig, path)
+
+
+RESULT_FIELDS = {"exp": str, "variant": str, "seed": int, "name": str, "tasks": list, "curves": list,
+                 "final": dict, "config": dict, "wall_time_s": (int, float), "machine": str}
+
+
+def result_problem(res) -> str | None:
+    """Why a parsed JSON is not a result of dgr.py, or None."""
+    if not isinstance(res, dict):
+        return f"a {type(res).__name__}, not an object"
+    missing = [k for k, kind in RESULT_FIELDS.items() if not isinstance(res.get(k), kind)]
+    if missing:
+        return "no " + ", ".join(missing)
+    if res["variant"] not in VARIANTS or not isinstance(res["final"].get("acc"), list):
+        return f"unknown variant {res['variant']!r}" if res["variant"] not in VARIANTS else "no final accuracies"
+    return None
+
+
+def load_results(folder: str) -> list[dict]:
+    """The results in `folder` (<variant>_seed<k>.json); a file of that name that is not one is named on
+    stderr and left out."""
+    results = []
+    for name in sorted(os.listdir(folder)):
+        if not (name.endswith(".json") and "_seed" in name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                res = json.load(f)
+            why = result_problem(res)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            why = f"{type(e).__name__}"
+        if why:
+            print(f"dgr.py: leaving out {path}: not a result of dgr.py ({why})", file=sys.stderr, flush=True)
+        else:
+            results.append(res)
+    return results
+
+
+GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_iters", "gen_batch", "gen_ema",
+              "gan_schedule", "z_dim", "sample_at")
+
+
+def config_of(res: dict) -> dict:
+    """The settings of a result that bear on its numbers, without its variant and seed, and without the
+    fields its variant does not use (a GAN's for ER), so that the variants of one command group together."""
+    v = VARIANTS[res["variant"]]
+    unused = {"variant", "seed"} | (set() if v.generative else set(GAN_FIELDS))
+    unused |= (set() if v.distill else {"temperature"}) | (set() if v.ewc else {"ewc_lambda", "fisher_samples"})
+    unused |= set() if v.replays(res["exp"]) else {"r", "replay_targets"}
+    return {k: value for k, value in (res.get("fingerprint") or {}).items() if k not in unused}
+
+
+def group_by_config(results: list[dict]) -> list[list[dict]]:
+    """Results in groups of one configuration (every setting that two runs both use agrees), largest first."""
+    groups: list[list[dict]] = []
+    for res in results:
+        mine = config_of(res)
+        home = next((g for g in groups if all(all(mine[k] == theirs[k] for k in mine.keys() & theirs.keys())
+                                              for theirs in map(config_of, g))), None)
+        if home is None:
+            groups.append([res])
+        else:
+            home.append(res)
+    return sorted(groups, key=len, reverse=True)
+
+
+def summarize_folder(folder: str) -> str:
+    """summary.md and accuracy.png of an experiment's folder from every result in it; a folder that holds
+    runs of several configurations gets a table and a figure (accuracy-2.png, ...) for each, named by the
+    settings that differ. Returns the summary's text."""
+    groups = group_by_config(load_results(folder))
+    if not groups:
+        return ""
+    configs = [config_of(g[0]) for g in groups]
+    differ = sorted({k for c in configs for k in c if len({json.dumps(d.get(k)) for d in configs}) > 1})
+    texts = []
+    for k, (group, config) in enumerate(zip(groups, configs)):
+        figure = "accuracy.png" if k == 0 else f"accuracy-{k + 1}.png"
+        setting = ", ".join(f"{name} {config.get(name)}" for name in differ) if len(groups) > 1 else ""
+        plot_experiment(group, os.path.join(folder, figure), setting)
+        texts.append(summary_table(group, setting and f"{setting} ({figure})"))
+    text = "\n".join(texts)
+    write_text(os.path.join(folder, "summary.md"), text)
+    return text
+
+
+def summary_table(results: list[dict], setting: str = "") -> str:
+    """Final accuracy per task and average, and wall time, mean ± sd over seeds, a row per variant."""
+    by_variant = group_results(results)
+    first = next(iter(by_variant.values()))[0]
+    cols = first["tasks"]
+    lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, {first['machine']})"
+             + (f"; {setting}" if setting else ""), "",
+             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |", "|---" * (len(cols) + 4) + "|"]
+    for runs in by_variant.values():
+        per_task = [mean_sd([r["final"]["acc"][j] for r in runs]) for j in range(len(cols))]
+        lines.append(f"| {runs[0]['name']} | {len(runs)} | " + " | ".join(per_task)
+                     + f" | {mean_sd([r['final']['avg'] for r in runs])} | {mean_sd([r['wall_time_s'] for r in runs])} |")
+    return "\n".join(lines) + "\n"
 
 
 def group_results(results: list[dict]) -> dict[str, list[dict]]:
@@ -1774,27 +2063,6 @@ def group_results(results: list[dict]) -> dict[str, list[dict]]:
 def mean_sd(xs: list[float]) -> str:
     """'94.63 ± 0.15' over several values, '94.63' for one."""
     return f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
-
-
-def write_summary(folder: str) -> str:
-    """summary.md: final accuracy per task and average, mean ± sd over seeds, per variant."""
-    by_variant: dict[str, list[dict]] = {}
-    for res in load_results(folder):
-        by_variant.setdefault(res["variant"], []).append(res)
-    if not by_variant:
-        return ""
-    first = next(iter(by_variant.values()))[0]
-    cols = first["tasks"]
-    lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, {first['machine']})", "",
-             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |", "|---" * (len(cols) + 4) + "|"]
-    for variant in [v for v in VARIANTS if v in by_variant]:
-        runs = by_variant[variant]
-        per_task = [mean_sd([r["final"]["acc"][j] for r in runs]) for j in range(len(cols))]
-        lines.append(f"| {runs[0]['name']} | {len(runs)} | " + " | ".join(per_task)
-                     + f" | {mean_sd([r['final']['avg'] for r in runs])} | {mean_sd([r['wall_time_s'] for r in runs])} |")
-    text = "\n".join(lines) + "\n"
-    write_text(os.path.join(folder, "summary.md"), text)
-    return text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1812,6 +2080,9 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if unset else super()._get_help_string(action)
 
 
+MAX_SEEDS, MAX_SEED = 1000, 10 ** 9   # seeds per command (a job array covers more), the largest seed
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(prog="dgr.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpWithDefaults)
@@ -1819,10 +2090,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.name == "budget":   # may be given more than once: the overrides add up
+            parser.add_argument(flag, action="append", default=[], help=f.metadata["help"])
         else:
             kind = float if f.name == "r" else type(f.default)
             parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
-    args = Args(**vars(parser.parse_args(argv)))
+    given = vars(parser.parse_args(argv))
+    args = Args(**{**given, "budget": ",".join(given["budget"])})
     args.data_dir = args.data_dir or os.environ.get("DGR_DATA", "./data")
     check_args(args)
     return args
@@ -1837,15 +2111,20 @@ def check_args(args: Args) -> None:
         raise UsageError(f"unknown variant {', '.join(bad) or '(none given)'}: choose from {','.join(VARIANTS)}")
     if args.r is not None and not 0.0 <= args.r <= 1.0:
         raise UsageError(f"--r must lie in [0, 1], got {args.r}")
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {args.seeds}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be > 0 and finite, got {args.temperature}")
+    if not 1 <= args.seeds <= MAX_SEEDS:
+        raise UsageError(f"--seeds must lie in [1, {MAX_SEEDS}], got {args.seeds} (a job array covers more, "
+                         "with --seed-start)")
+    if not 0 <= args.seed_start <= MAX_SEED - args.seeds + 1:
+        raise UsageError(f"--seed-start must lie in [0, {MAX_SEED - args.seeds + 1}], got {args.seed_start}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
-    for name in ("seed_start", "tasks", "solver_iters", "gen_iters", "eval_every", "checkpoint_every"):
+    if not args.out.strip():
+        raise UsageError("--out is empty: name a folder for the results")
+    for name in ("tasks", "solver_iters", "gen_iters", "eval_every", "checkpoint_every"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     try:
@@ -1860,7 +2139,7 @@ def experiment_list(args: Args) -> list[str]:
 
 
 def variant_list(args: Args) -> list[str]:
-    return [v.strip().lower() for v in args.variants.split(",") if v.strip()]
+    return list(dict.fromkeys(v.strip().lower() for v in args.variants.split(",") if v.strip()))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1870,6 +2149,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: dgr.py runs on cpu or cuda (cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
     if device.type == "cuda" and (device.index or 0) >= (n := torch.cuda.device_count()):
@@ -1877,10 +2158,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, int, str, Checkpoint]]:
-    """The runs to do, each (variant, seed, stem, checkpoint); checks what --out already holds first,
-    so that a refusal (exit 2) happens before anything in it is overwritten. With --estimate it reads
-    --out as --resume would and changes nothing."""
+def plan_experiment(exp: str, args: Args, b: Budget, folder: str, runs_on: dict) -> ExperimentPlan:
+    """The runs to do; checks what --out already holds first, so that a refusal (exit 2) comes before
+    anything in it is touched. With --estimate it reads --out as --resume would and changes nothing."""
     for variant in variant_list(args):
         if exp not in VARIANTS[variant].experiments:
             raise UsageError(f"variant {variant} applies to {', '.join(VARIANTS[variant].experiments)}, not {exp}")
@@ -1889,8 +2169,11 @@ def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, i
     for variant in variant_list(args):
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             stem = os.path.join(folder, f"{variant}_seed{seed}")
-            fingerprint = run_fingerprint(exp, variant, seed, args, b)
-            checkpoint = Checkpoint(stem + ".ckpt", args.checkpoint_every, fingerprint)
+            fingerprint = run_fingerprint(exp, variant, seed, args, b, runs_on)
+            fits = functools.partial(state_problem, exp=exp, variant=variant, b=b)
+            checkpoint = Checkpoint(stem + ".ckpt", args.checkpoint_every, fingerprint, fits)
+            if (holder := RunLock(stem + ".lock").holder()):
+                raise UsageError(busy(stem, holder))
             done = os.path.exists(stem + ".json")
             if (done or os.path.exists(checkpoint.path)) and not args.overwrite:
                 held.append(stem)
@@ -1900,20 +2183,60 @@ def plan_runs(exp: str, args: Args, b: Budget, folder: str) -> list[tuple[str, i
                 except ValueError as e:
                     raise UsageError(f"{e}; delete it, pass --overwrite to start afresh, or choose another --out") from None
             elif resume and done:
-                with open(stem + ".json") as f:
-                    saved = json.load(f).get("fingerprint", {})
+                saved = saved_fingerprint(stem + ".json")
                 if saved != fingerprint:
                     raise UsageError(f"{stem}.json {other_run(saved, fingerprint)}; pass --overwrite to replace it "
                                      "or choose another --out")
                 print(f"{stem}.json: finished earlier, kept", flush=True)
                 continue
-            elif args.overwrite and not args.estimate and os.path.exists(checkpoint.path):
-                os.remove(checkpoint.path)
-            runs.append((variant, seed, stem, checkpoint))
+            runs.append(PlannedRun(exp, variant, seed, stem, checkpoint))
     if held and not (resume or args.overwrite):
         raise UsageError(f"{folder} already holds results or checkpoints of these runs ({len(held)}): pass --resume to "
                          "continue them, --overwrite to replace them, or choose another --out")
-    return runs
+    return ExperimentPlan(b, folder, runs)
+
+
+def saved_fingerprint(path: str) -> dict:
+    """The fingerprint of the result at `path`, or a UsageError saying that it is not a readable result."""
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        if not isinstance(res, dict) or not isinstance(res.get("fingerprint"), dict):
+            raise ValueError("no fingerprint")
+        return res["fingerprint"]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable result of dgr.py ({type(e).__name__}: {e}); pass --overwrite to "
+                         "replace it, or choose another --out") from None
+
+
+def take_runs(plans: dict[str, ExperimentPlan], args: Args, hold: bool) -> None:
+    """Lock every planned run (UsageError naming the holder if another process has one); with `hold`, keep
+    the locks (this process trains the runs), clear what killed processes left of them (temp files) and,
+    with --overwrite, their old checkpoints; without, let them go again (--jobs: each run locks its own)."""
+    taken = []
+    try:
+        for plan in plans.values():
+            for run in plan.runs:
+                lock = RunLock(run.stem + ".lock")
+                if (holder := lock.acquire()):
+                    raise UsageError(busy(run.stem, holder))
+                taken.append(lock)
+                run.lock = lock if hold else None
+                if hold and args.overwrite and os.path.exists(run.checkpoint.path):
+                    os.remove(run.checkpoint.path)
+            if hold:
+                remove_stale_temp_files(plan.folder, [run.stem for run in plan.runs])
+    except BaseException:
+        for lock in taken:
+            lock.release()
+        raise
+    if not hold:
+        for lock in taken:
+            lock.release()
+
+
+def busy(stem: str, holder: str) -> str:
+    return f"{stem} is being trained by {holder} (its lock {stem}.lock): wait for it, or choose another --out"
 
 
 def check_writable(folder: str) -> None:
@@ -1927,12 +2250,13 @@ def check_writable(folder: str) -> None:
         raise UsageError(f"cannot write results to {os.path.abspath(folder)} ({e.strerror or e}); choose another --out") from None
 
 
-def announce(exp: str, b: Budget, runs: list, device) -> tuple[float, dict[str, float]]:
+def announce(exp: str, plan: ExperimentPlan, device) -> tuple[float, dict[str, float]]:
     """Print the runs to do and their expected time (from step costs timed here); return both."""
-    seconds, costs = expected_time(exp, b, [variant for variant, *_ in runs], device, [ck.at for *_, ck in runs])
+    runs, b = plan.runs, plan.b
+    seconds, costs = expected_time(exp, b, [run.variant for run in runs], device, [run.checkpoint.at for run in runs])
     if runs:
         per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())
-        resumed = sum(ck.at != (0, 0) for *_, ck in runs)
+        resumed = sum(run.checkpoint.at != (0, 0) for run in runs)
         print(f"{exp}: {len(runs)} run(s) to do{f' ({resumed} resumed)' if resumed else ''}, expected about "
               f"{fmt_seconds(seconds)} on {machine_name(device)} (per step: {per_step}; a generator step includes "
               f"its {b.n_critic} critic steps)", flush=True)
@@ -1945,31 +2269,31 @@ RUN_COMMAND = [sys.executable, os.path.abspath(__file__)]   # how --jobs starts 
 JOB_ENV = "DGR_JOB_COSTS"   # set by --jobs for the runs it starts: the step costs it timed, by experiment
 
 
-def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[float, str, str, int]],
+def run_processes(argv: list[str], args: Args, plans: dict[str, ExperimentPlan], runs: list[tuple[float, PlannedRun]],
                   costs: dict) -> list[str]:
-    """--jobs N: each run to do, (expected seconds, experiment, variant, seed), in its own process (this script
-    with --exp E --variants V --seed-start k --seeds 1), at most N at once, the longest expected first, all into
-    --out (on a CPU each with its share of the threads). The runs reuse the step costs timed here (JOB_ENV)
-    and leave the figures and summaries to this process. A failed run does not stop the others; a refused one
+    """--jobs N: each run to do, (expected seconds, run), in its own process (this script with --exp E
+    --variants V --seed-start k --seeds 1), at most N at once, the longest expected first, all into --out
+    (on a CPU each with its share of the threads). The runs reuse the step costs timed here (JOB_ENV) and
+    leave the figures and summaries to this process. A failed run does not stop the others; a refused one
     (exit 2) skips the rest of its experiment, which would be refused alike. Ctrl-C or SIGTERM here reaches
     each run once (they run in sessions of their own), and each stops after its step with a checkpoint.
     Then the figures and summary of each experiment from every result in its folder."""
     import subprocess
-    runs = sorted(runs, reverse=True)
+    runs = sorted(runs, key=lambda pair: pair[0], reverse=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), JOB_ENV: json.dumps(costs)}
-    pending = [(exp, f"{exp} {variant} seed {seed}", [*RUN_COMMAND, *argv, "--jobs", "1", "--preset", args.preset, "--exp",
-                exp, "--variants", variant, "--seed-start", str(seed), "--seeds", "1"]) for _, exp, variant, seed in runs]
+    pending = [(run.exp, run.label, [*RUN_COMMAND, *argv, "--jobs", "1", "--preset", args.preset, "--exp", run.exp,
+                "--variants", run.variant, "--seed-start", str(run.seed), "--seeds", "1"]) for _, run in runs]
     running, failed, refused, signum = [], [], {}, 0
     while pending or running:
         try:
             while pending and len(running) < args.jobs and not signum:
                 exp, label, cmd = pending.pop(0)
                 running.append((exp, label, subprocess.Popen(cmd, env=env, start_new_session=True)))
-            for exp, label, p in [run for run in running if run[2].poll() is not None]:
+            for exp, label, p in [job for job in running if job[2].poll() is not None]:
                 running.remove((exp, label, p))
                 if p.returncode == 2:
                     refused[exp] = refused.get(exp, 0) + 1 + sum(e == exp for e, *_ in pending)
-                    pending = [run for run in pending if run[0] != exp]
+                    pending = [job for job in pending if job[0] != exp]
                 elif p.returncode and not signum:
                     failed.append(label)
             time.sleep(0.1)
@@ -1979,11 +2303,7 @@ def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[f
             signum, pending = signum or e.signum, []
     if signum:
         raise Interrupted(signum, "the runs stopped after their step, with a checkpoint")
-    summaries = []
-    for _, folder, _ in planned.values():
-        if load_results(folder):
-            plot_experiment(folder)
-            summaries.append(write_summary(folder))
+    summaries = [summarize_folder(plan.folder) for plan in plans.values() if os.path.isdir(plan.folder)]
     if failed or refused:
         print("\n".join(summaries))
         raise RunStopped("; ".join([f"{exp} refused, {n} run(s) not done" for exp, n in refused.items()] +
@@ -1992,26 +2312,31 @@ def run_processes(argv: list[str], args: Args, planned: dict, runs: list[tuple[f
 
 
 def data_problem(exp: str, args: Args, download: bool = True) -> str | None:
-    """Why the datasets of `exp` cannot be had (not in --data-dir, and not downloadable), else None. Files
-    present count as there (their contents are checked as they load); with download=False nothing is fetched."""
-    needs = {"mnist": (MNIST_FILES, os.path.join(args.data_dir, "MNIST", "raw"))}
+    """Why the datasets of `exp` cannot be had, else None: not in --data-dir and not downloadable (with
+    download=False nothing is fetched), or MNIST's files damaged (SVHN's are checked as they load)."""
+    needs = {"MNIST": [os.path.join(args.data_dir, "MNIST", "raw", f) for f in MNIST_FILES]}
     if exp not in MNIST28_EXPERIMENTS:
-        needs["svhn"] = (SVHN_FILES, os.path.join(args.data_dir, "SVHN"))
-    for name, (files, folder) in needs.items():
-        if all(os.path.exists(os.path.join(folder, f)) for f in files):
+        needs["SVHN"] = [os.path.join(args.data_dir, "SVHN", f) for f in SVHN_FILES.values()]
+    for name, paths in needs.items():
+        if all(os.path.exists(p) for p in paths):
+            bad = [why for p, (magic, n) in zip(paths, MNIST_FILES.values())
+                   if (why := mnist_file_problem(p, magic, n))] if name == "MNIST" else []
+            if bad:
+                return bad[0]
             continue
         if not download:
-            return f"{name.upper()} is not in {os.path.abspath(folder)}"
+            return f"{name} is not in {os.path.abspath(os.path.dirname(paths[0]))}"
         try:
-            load_svhn(args.data_dir, torch.device("cpu")) if name == "svhn" else load_mnist(args.data_dir, torch.device("cpu"))
-        except FileNotFoundError as e:
+            (load_mnist if name == "MNIST" else load_svhn)(args.data_dir, torch.device("cpu"))
+        except DataError as e:
             return str(e)
     return None
 
 
-def configure(args: Args) -> torch.device:
+def configure(args: Args) -> tuple[torch.device, dict]:
     """Apply the options that set up the process (device, preset auto, --impl, --graphs, anomaly
-    detection); the device to run on. Raises UsageError for a bad combination."""
+    detection): the device to run on, and what the runs run on (the fingerprint's device, impl, graphs).
+    Raises UsageError for a bad combination."""
     device = resolve_device(args.device)
     if args.preset == "auto":
         args.preset = "paper" if device.type == "cuda" else "fast"
@@ -2027,7 +2352,7 @@ def configure(args: Args) -> torch.device:
         raise UsageError(f"--graphs on: CUDA graphs need a CUDA device, not {device}")
     GRAPHS["on"] = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
     torch.autograd.set_detect_anomaly(args.detect_anomaly)
-    return device
+    return device, {"device": device.type, "impl": impl_in_use(device), "graphs": GRAPHS["on"]}
 
 
 USAGE = """dgr.py: Continual Learning with Deep Generative Replay (Shin et al., NeurIPS 2017), every experiment.
@@ -2056,24 +2381,28 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv, stop)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
 def run_command(argv: list[str], stop: StopRequest) -> int:
     """main's work: plan, refuse (exit 2) or announce, run (exit 3 if a run stops, 128 + signal if stopped)."""
-    skipped = []
+    skipped, plans = [], {}
     try:
         args = parse_args(argv)
-        device = configure(args)
-        planned = {}
+        device, runs_on = configure(args)
         for exp in experiment_list(args):
             b = budget_for(args, exp)
-            planned[exp] = (b, os.path.join(args.out, exp), plan_runs(exp, args, b, os.path.join(args.out, exp)))
-        if not args.estimate:   # every refusal (exit 2) before anything heavy starts
-            for _, folder, _ in planned.values():
-                check_writable(folder)
+            plans[exp] = plan_experiment(exp, args, b, os.path.join(args.out, exp), runs_on)
         child = os.environ.get(JOB_ENV)   # a run started by --jobs: its parent did the planning
-        problems = {} if child else {exp: why for exp in planned if planned[exp][2] and
+        if not args.estimate:   # every refusal (exit 2) before anything heavy starts
+            for plan in plans.values():
+                check_writable(plan.folder)
+        problems = {} if child else {exp: why for exp, plan in plans.items() if plan.runs and
                                      (why := data_problem(exp, args, download=not args.estimate))}
         if problems and not args.estimate:
-            if len(problems) == sum(bool(runs) for _, _, runs in planned.values()):
+            if len(problems) == sum(bool(plan.runs) for plan in plans.values()):
                 raise UsageError(next(iter(problems.values())))
             for why in dict.fromkeys(problems.values()):
                 print(f"dgr.py: not running {', '.join(e for e in problems if problems[e] == why)}: {why}",
@@ -2081,23 +2410,25 @@ def run_command(argv: list[str], stop: StopRequest) -> int:
             skipped = list(problems)
             for exp in skipped:   # the folder check_writable made, if nothing else is in it
                 with contextlib.suppress(OSError):
-                    os.rmdir(planned[exp][1])
-            planned = {exp: plan for exp, plan in planned.items() if exp not in problems}
+                    os.rmdir(plans[exp].folder)
+            plans = {exp: plan for exp, plan in plans.items() if exp not in problems}
         elif problems:
             for exp, why in problems.items():
                 print(f"{exp}: would be refused: {why}", flush=True)
-        n_runs = sum(len(runs) for _, _, runs in planned.values())
+        n_runs = sum(len(plan.runs) for plan in plans.values())
         jobs = min(args.jobs, n_runs)
+        if not args.estimate:
+            take_runs(plans, args, hold=jobs <= 1)
         if jobs > 1 and device.type == "cpu":   # each run's share of the cores; its steps are timed so
             torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
         if child:
-            expected = {exp: (0.0, json.loads(child)[exp]) for exp in planned}
+            expected = {exp: (0.0, json.loads(child)[exp]) for exp in plans}
         else:
-            expected = {exp: announce(exp, b, runs, device) for exp, (b, folder, runs) in planned.items()}
-        per_run = [(run_seconds(exp, variant, b, expected[exp][1], checkpoint.at), exp, variant, seed)
-                   for exp, (b, _, runs) in planned.items() for variant, seed, _, checkpoint in runs]
+            expected = {exp: announce(exp, plan, device) for exp, plan in plans.items()}
+        per_run = [(run_seconds(exp, run.variant, plan.b, expected[exp][1], run.checkpoint.at), run)
+                   for exp, plan in plans.items() for run in plan.runs]
         if jobs > 1:
-            at_once = fmt_seconds(makespan([seconds for seconds, *_ in per_run], jobs))
+            at_once = fmt_seconds(makespan([seconds for seconds, _ in per_run], jobs))
             if device.type == "cpu":
                 n = torch.get_num_threads()
                 print(f"expected in all with --jobs {jobs} (runs at once, {n} thread{'s' if n > 1 else ''} each): "
@@ -2105,17 +2436,20 @@ def run_command(argv: list[str], stop: StopRequest) -> int:
             else:   # runs at once share one GPU: somewhere between these (reference/README.md)
                 print(f"expected in all with --jobs {jobs} (runs at once sharing one GPU): between about {at_once} "
                       f"(if they did not slow each other down) and "
-                      f"{fmt_seconds(sum(seconds for seconds, *_ in per_run))} (one after another)", flush=True)
-        elif len(planned) > 1 and not child:
+                      f"{fmt_seconds(sum(seconds for seconds, _ in per_run))} (one after another)", flush=True)
+        elif len(plans) > 1 and not child:
             print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
         if args.estimate:
             return 0
         if jobs > 1:
-            summaries = run_processes(argv, args, planned, per_run, {exp: costs for exp, (_, costs) in expected.items()})
+            summaries = run_processes(argv, args, plans, per_run, {exp: costs for exp, (_, costs) in expected.items()})
         else:
-            summaries = [run_experiment(exp, args, device, *planned[exp], expected[exp][1], stop, summarize=not child)
-                         for exp in planned]
-    except UsageError as e:
+            summaries = [run_experiment(exp, args, device, plan, expected[exp][1], stop, summarize=not child)
+                         for exp, plan in plans.items()]
+        summaries = [text for text in summaries if text]
+        if len(summaries) > 1:
+            write_text(os.path.join(args.out, "summary.md"), "\n".join(summaries))
+    except (UsageError, DataError) as e:
         print(f"dgr.py: error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:
@@ -2126,9 +2460,17 @@ def run_command(argv: list[str], stop: StopRequest) -> int:
         then = "" if os.environ.get(JOB_ENV) else f"; continue with: {resume_command(argv)}"   # --jobs says it once
         print(f"dgr.py: interrupted: {what}{then}", file=sys.stderr)
         return 128 + e.signum
-    summaries = [text for text in summaries if text]
-    if len(summaries) > 1:
-        write_text(os.path.join(args.out, "summary.md"), "\n".join(summaries))
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        print(f"dgr.py: stopped: out of memory ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
+              "smaller budgets (--budget width=..., batch=..., gen_batch=...) or another device", file=sys.stderr)
+        return 3
+    finally:
+        for plan in plans.values():
+            for run in plan.runs:
+                if run.lock:
+                    run.lock.release()
     if summaries:
         print("\n".join(summaries))
         print(f"results, figures and summary.md are in {os.path.abspath(args.out)}")

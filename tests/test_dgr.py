@@ -2,6 +2,7 @@
 computations, the tasks, the replay variants, and the bad inputs."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import dgr
 from conftest import DATA, ROOT, require_mnist, run_dgr
 
 ALL_VARIANTS = ("gr", "er", "noise", "none")
+CPU_RUN = {"device": "cpu", "impl": dgr.impl_in_use(torch.device("cpu")), "graphs": False}   # a CLI run's runs_on here
 SAMPLE_QUALITY = os.path.join("reference", "frontier", "sample_quality.py")
 CHAIN_LINKS = os.path.join("reference", "frontier", "chain_links.py")
 
@@ -483,7 +485,8 @@ def test_result_of_an_older_version_is_named_so(tmp_path):
     argv = ["--exp", "split", "--preset", "quick", "--variants", "none", "--out", str(tmp_path)]
     folder = tmp_path / "split"
     folder.mkdir()
-    fingerprint = dgr.run_fingerprint("split", "none", 0, dgr.parse_args(argv), dgr.budget_for(dgr.parse_args(argv), "split"))
+    fingerprint = dgr.run_fingerprint("split", "none", 0, dgr.parse_args(argv), dgr.budget_for(dgr.parse_args(argv), "split"),
+                                      CPU_RUN)
     del fingerprint["temperature"], fingerprint["ewc_lambda"]         # as an older dgr.py wrote it
     (folder / "none_seed0.json").write_text(json.dumps({"fingerprint": fingerprint}))
     proc = run_dgr(*argv, "--resume")
@@ -705,8 +708,9 @@ def fake_results(folder, variants=("gr", "none"), seeds=(0, 1, 2), preset="quick
             with open(os.path.join(folder, f"{v}_seed{seed}.json"), "w") as f:
                 json.dump({"exp": "split", "variant": v, "name": dgr.VARIANTS[v].name, "seed": seed,
                            "tasks": ["0-1", "2-3"], "curves": curves, "acc_after_task": [[99.0], final],
-                           "final": {"acc": final, "avg": sum(final) / 2}, "wall_time_s": 1.0, "machine": "m",
-                           "config": {"args": {"preset": preset}, "budget": {"solver_iters": 4}}}, f)
+                           "final": {"acc": final, "avg": sum(final) / 2}, "wall_time_s": 1.0 + seed, "machine": "m",
+                           "config": {"args": {"preset": preset}, "budget": {"solver_iters": 4}},
+                           "fingerprint": {"exp": "split", "variant": v, "seed": seed, "preset": preset}}, f)
 
 
 def test_accuracy_figure_explains_itself(tmp_path, monkeypatch):
@@ -715,7 +719,7 @@ def test_accuracy_figure_explains_itself(tmp_path, monkeypatch):
     fake_results(str(tmp_path))
     figures = []
     monkeypatch.setattr(dgr, "save_figure", lambda fig, path: figures.append(fig) or path)
-    dgr.plot_experiment(str(tmp_path))
+    dgr.summarize_folder(str(tmp_path))
     fig, = figures
     assert fig._suptitle.get_text() == "Split MNIST, class-incremental (Fig. 6): quick preset, seeds 0-2 (mean ± sd over seeds)"
     gr, none, avg, final = fig.axes
@@ -737,3 +741,31 @@ def test_sample_grids_label_their_rows(tmp_path, monkeypatch):
     assert [t.get_text() for t in tasks.get_yticklabels()] == ["after task 1", "after task 2", "after task 3"]
     assert tasks.get_title() == "split GR seed 0: the generator's samples after each task"
     assert [t.get_text() for t in steps.get_yticklabels()] == ["step 1", "step 2", "step 3"]
+
+
+def test_summary_is_mean_and_sd_over_seeds_and_plain_for_one(tmp_path):
+    fake_results(str(tmp_path), variants=("gr",))
+    fake_results(str(tmp_path), variants=("none",), seeds=(0,))
+    text = dgr.summarize_folder(str(tmp_path))
+    finals = [[90.0 + seed, 95.0] for seed in (0, 1, 2)]
+    cell = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+    row = [cell([a[0] for a in finals]), cell([a[1] for a in finals]), cell([sum(a) / 2 for a in finals]),
+           cell([1.0, 2.0, 3.0])]
+    assert f"| GR | 3 | {' | '.join(row)} |" in text
+    assert "| None | 1 | 0.00 | 99.00 | 49.50 | 1.00 |" in text   # no ± over one seed
+
+
+def test_a_folder_of_two_presets_is_summarized_per_preset(tmp_path, capsys):
+    """Runs of different settings in one folder are never averaged together: a table and a figure each,
+    named by the setting that differs; a stray *_seed*.json that is not a result is named and left out."""
+    fake_results(str(tmp_path), variants=("gr",), seeds=(0, 1), preset="quick")
+    fake_results(str(tmp_path), variants=("gr",), seeds=(2,), preset="fast")
+    (tmp_path / "notes_seed3.json").write_text("[1, 2")
+    (tmp_path / "none_seed9.json").write_text('{"exp": "split"}')
+    text = dgr.summarize_folder(str(tmp_path))
+    assert "## split (quick preset, m); preset quick (accuracy.png)" in text and "| GR | 2 |" in text
+    assert "## split (fast preset, m); preset fast (accuracy-2.png)" in text and "| GR | 1 |" in text
+    assert (tmp_path / "accuracy.png").exists() and (tmp_path / "accuracy-2.png").exists()
+    err = capsys.readouterr().err
+    assert f"leaving out {tmp_path / 'notes_seed3.json'}: not a result of dgr.py (JSONDecodeError)" in err
+    assert f"leaving out {tmp_path / 'none_seed9.json'}: not a result of dgr.py (no variant" in err

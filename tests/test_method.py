@@ -357,20 +357,6 @@ def test_lr_schedules_hold_within_each_task(mnist, monkeypatch, schedule):
         assert seen["solver"][0] == pytest.approx(3e-4) and seen["solver"][5] < 0.1 * 3e-4
 
 
-def test_summary_is_mean_and_sd_over_seeds(tmp_path):
-    finals = [[90.0, 80.0], [92.5, 81.0], [91.0, 86.0]]
-    for seed, acc in enumerate(finals):
-        with open(os.path.join(tmp_path, f"gr_seed{seed}.json"), "w") as f:
-            json.dump({"exp": "split", "variant": "gr", "name": "GR", "seed": seed, "tasks": ["a", "b"],
-                       "final": {"acc": acc, "avg": sum(acc) / 2}, "wall_time_s": 10.0 + seed, "machine": "m",
-                       "config": {"args": {"preset": "fast"}}}, f)
-    text = dgr.write_summary(str(tmp_path))
-    cell = lambda xs: f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
-    row = [cell([a[0] for a in finals]), cell([a[1] for a in finals]), cell([sum(a) / 2 for a in finals]),
-           cell([10.0, 11.0, 12.0])]
-    assert f"| GR | 3 | {' | '.join(row)} |" in text
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 
 @pytest.fixture(scope="module")

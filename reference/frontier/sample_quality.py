@@ -128,7 +128,7 @@ def prepare(script: str, exp: str, rest: list[str], check=lambda args: None):
     try:
         args = dgr.parse_args(["--exp", exp, "--variants", "gr", *rest])
         check(args)
-        device = dgr.configure(args)
+        device, _ = dgr.configure(args)
         data = dgr.load_data(exp, args, device)
     except (dgr.UsageError, FileNotFoundError) as e:
         print(f"{script}: error: {e}", file=sys.stderr)
