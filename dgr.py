@@ -1,24 +1,23 @@
 """dgr.py: Continual Learning with Deep Generative Replay (Shin, Lee, Kim, Kim, NeurIPS 2017) in one file.
 
-A *scholar* is a generator (a WGAN-GP) and a solver (a classifier). On task i the new generator learns
-a mix of real task-i inputs (share r) and samples of the previous generator (share 1-r); the new solver
-minimises r*CE(S(x), y) + (1-r)*CE(S(x'), S_old(x')), the replayed inputs x' labelled by the old solver.
-Replay variants: GR (x' from the previous generator), ER (x' = real past inputs, the upper bound),
-Noise (x' = Gaussian noise) and None (plain fine-tuning).
+A *scholar* is a generator (a WGAN-GP) and a solver (a classifier). On task i the new generator learns a mix
+of real task-i inputs (share r) and samples of the previous generator (share 1-r); the new solver minimises
+r*CE(S(x), y) + (1-r)*CE(S(x'), S_old(x')), the replayed inputs x' labelled by the old solver. Variants: GR
+(x' from the previous generator), ER (x' = real past inputs, the upper bound), Noise (x' = Gaussian noise),
+None (plain fine-tuning); beyond the paper GR+distill (soft targets) and EWC.
 
-Run an experiment of the paper (results, curves and sample grids land in --out, default results/):
-    python dgr.py --exp split                       # Fig. 6/7, class-incremental split MNIST
-    python dgr.py --exp permuted --variants gr,none  # Fig. 2
-    python dgr.py --exp all --preset quick          # every experiment, tiny budgets (CPU, minutes)
-    python dgr.py --exp all --estimate              # the expected time of each, timed here; runs nothing
-    python dgr.py --exp chain,split --seeds 3 --jobs 2  # two experiments, 3 seeds, two runs at a time
+    python dgr.py --exp split --preset quick        # a one-minute look at split MNIST
+    python dgr.py --exp split                       # Fig. 6/7: fast preset on a CPU, paper preset with CUDA
+    python dgr.py --exp all --estimate              # the expected time of every experiment, timed here
+    python dgr.py --exp chain,split --seeds 3 --jobs 2   # two experiments, 3 seeds, two runs at a time
     python dgr.py --help
-Without --preset: the paper's budgets where CUDA is available, else the fast preset (minutes on a CPU).
-Reuse the pieces: `from dgr import Scholar, train_task` (importing runs nothing).
 
-Reading order: configuration, data, models, the two losses, the variants, the training steps,
-train_task, the experiments; then the plumbing: the fused ops' loading, progress, checkpoints,
-results and figures, the command line.
+Reuse the method: `from dgr import Scholar, Task, Replay, train_task` (importing runs nothing).
+
+Reading order. The method, standing alone: configuration and presets, data, models and the scholar, the two
+losses, the variants, the experiments, the training steps, train_task, learn. Below the `# Plumbing` banner,
+which the method never reaches into: the fused ops' loading, progress and expected time, checkpoints,
+running, figures and summaries, the command line.
 """
 from __future__ import annotations
 
@@ -41,52 +40,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EXPERIMENTS = ("chain", "permuted", "mnist-svhn", "svhn-mnist", "lwf", "split")
-MNIST28_EXPERIMENTS = ("chain", "permuted", "split")   # 28x28x1 MNIST, MLP solver; the others 32x32x3, CNN
-
-# ----------------------------------------------------------------------------------------------------
-# Configuration: the command line (cleanrl style: one field, one line of help) and the budgets.
-
-
-def arg(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class Args:
-    exp: str = arg("permuted", f"experiment(s), comma-separated, or all: {', '.join(EXPERIMENTS)}")
-    variants: str = arg("gr,er,noise,none", "comma-separated, among gr, gr+distill, er, ewc, noise, none")
-    preset: str = arg("auto", "budgets: paper, fast (CPU), quick (smoke); auto: paper with CUDA, else fast",
-                      ("auto", "paper", "fast", "quick"))
-    seeds: int = arg(1, "number of seeds; runs seeds K..K+N-1 (K: --seed-start)")
-    seed_start: int = arg(0, "first seed K; a job array can run one seed per job into one shared --out")
-    jobs: int = arg(1, "run up to N runs (experiment x variant x seed) at once, a process each; CPU threads split N ways")
-    r: float = arg(None, "real-data share r in [0,1] on tasks after the first (default 1/i on task i)")
-    replay_targets: str = arg("hard", "label replayed inputs with the old solver's argmax (hard) or its "
-                              "probabilities (soft)", ("hard", "soft"))
-    temperature: float = arg(2.0, "gr+distill: targets softmax(z/T) of the old solver, loss on z/T times T^2")
-    data_dir: str = arg("", "dataset root for torchvision MNIST/SVHN (default $DGR_DATA or ./data)")
-    out: str = arg("results", "output folder: <out>/<exp>/<variant>_seed<k>.json, figures, summary.md")
-    device: str = arg("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
-    impl: str = arg("auto", "losses: fused C++/CUDA op (ext), PyTorch (torch), auto: ext if it loads",
-                    ("auto", "ext", "torch"))
-    graphs: str = arg("auto", "whole steps as CUDA graphs: auto (on with CUDA, off on the CPU), on, off",
-                      ("auto", "on", "off"))
-    tasks: int = arg(0, "number of permuted-MNIST tasks (0: the preset's)")
-    solver_iters: int = arg(0, "solver steps per task (0: the preset's)")
-    gen_iters: int = arg(0, "generator steps per task, each after n_critic critic steps (0: preset's)")
-    eval_every: int = arg(0, "evaluate and print progress every k solver steps (0: the preset's)")
-    budget: str = arg("", "override budgets: name=value,... of Budget's fields, e.g. gan=mlp,width=256")
-    checkpoint_every: int = arg(1000, "checkpoint every k solver or generator steps too (0: task ends only)")
-    resume: bool = arg(False, "continue killed runs from their checkpoints in --out; skip finished ones")
-    overwrite: bool = arg(False, "replace results and checkpoints already in --out")
-    detect_anomaly: bool = arg(False, "torch.autograd anomaly detection (slow; for debugging NaNs)")
-    estimate: bool = arg(False, "print the runs to do and their expected time (steps timed here), then exit")
+# ------------------------------------------------------------------------------------------------------------
+# Configuration: a Budget per experiment, from a preset (paper, fast, quick), each field overridable.
 
 
 @dataclass
@@ -95,16 +56,16 @@ class Budget:
     gen_iters: int = 3000         # generator steps per task (each after n_critic critic steps)
     batch: int = 128              # solver batch (real and replayed batches each this size)
     gen_batch: int = 64           # generator/critic batch
-    eval_every: int = 250         # evaluate every k solver steps
+    eval_every: int = 250         # evaluate (and print progress) every k solver steps
     train_limit: int = 0          # use at most this many training images per task (0: all)
     test_limit: int = 0           # evaluate on at most this many test images per task (0: all)
     gan: str = "conv"             # conv: DCGAN convolutions; mlp: fully connected (far cheaper on a CPU)
-    width: int = 64               # conv: base channels (critic 64-128-256); mlp: hidden units (z-w-2w-out, in-2w-w-1)
-    hidden: int = 400             # MLP solver hidden units (784-400-400-10)
+    width: int = 64               # conv: base channels (critic 64-128-256); mlp: hidden units (z-w-2w-out)
+    hidden: int = 400             # solver hidden units (784-400-400-10)
     dropout: float = 0.0          # solver: dropout after each hidden layer (0: none)
-    cnn_channels: int = 32        # CNN solver channels (32-64) for 32x32x3 inputs
+    cnn_channels: int = 32        # CNN solver channels (32-64) for images of several channels
     n_tasks: int = 10             # permuted MNIST tasks
-    chain_init: str = "fresh"     # chain: a link's scholar starts from fresh weights, or from the previous link's
+    chain_init: str = "fresh"     # chain: each link starts from fresh weights, or from the previous link's
     warmup_iters: int = 0         # LwF: steps training the new head alone before fine-tuning all
     sample_at: tuple = ()         # generator steps at which sample grids are saved (Fig. 4)
     z_dim: int = 100
@@ -116,7 +77,7 @@ class Budget:
     solver_schedule: str = "constant"   # solver lr within each task: constant, or cosine (decays to 0)
     gan_schedule: str = "constant"      # generator and critic lr within each task: constant, or cosine
     gen_ema: float = 0.0          # decay of the generator's weight average that is replayed (0: the weights)
-    ewc_lambda: float = 100.0     # online EWC penalty weight (provisional: a quick-preset sweep, reference/README.md)
+    ewc_lambda: float = 100.0     # online EWC penalty weight
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
 
     def __post_init__(self):
@@ -129,12 +90,11 @@ class Budget:
         return self.critic_lr or self.gen_lr
 
 
-TYPE_NAMES = {int: "an integer", float: "a number", str: "a word", tuple: "steps (a:b:...)"}
 BUDGET_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a word", tuple: "steps (a:b:...)"}
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
                   "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous")}
-# the numeric fields that lie in [0, 1), and those that may be 0 (the other counts are >= 1, the other rates > 0)
-BUDGET_FRACTIONS = ("gen_ema", "dropout")
+BUDGET_FRACTIONS = ("gen_ema", "dropout")   # in [0, 1); below: those that may be 0 (counts >= 1, rates > 0)
 BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda")
 
 
@@ -144,97 +104,71 @@ def budget_field_error(name: str, value) -> str | None:
     if isinstance(value, bool) or not (isinstance(value, kind) or (kind is float and isinstance(value, int))):
         return f"{name} takes {TYPE_NAMES[kind]}, got {value!r}"
     if isinstance(value, str):
-        return None if value in BUDGET_CHOICES.get(name, (value,)) else \
-            f"{name} is {' or '.join(BUDGET_CHOICES[name])}, got {value!r}"
+        choices = BUDGET_CHOICES.get(name, (value,))
+        return None if value in choices else f"{name} is {' or '.join(choices)}, got {value!r}"
     if isinstance(value, tuple):
-        return None if all(isinstance(v, int) and v >= 1 for v in value) else f"{name} takes steps >= 1, got {value}"
-    if name in BUDGET_FRACTIONS:
-        ok, want = 0 <= value < 1, "in [0, 1)"
-    elif name in BUDGET_MAY_BE_ZERO:
-        ok, want = value >= 0, ">= 0"
-    elif name == "gen_batch":   # the generator's batch norm needs two samples
-        ok, want = value >= 2, ">= 2"
-    elif isinstance(value, int):
-        ok, want = value >= 1, ">= 1"
-    else:
-        ok, want = value > 0, "> 0"
+        ok = all(isinstance(v, int) and v >= 1 for v in value)
+        return None if ok else f"{name} takes steps >= 1, got {value}"
+    ok, want = ((0 <= value < 1, "in [0, 1)") if name in BUDGET_FRACTIONS else
+                (value >= 0, ">= 0") if name in BUDGET_MAY_BE_ZERO else
+                (value >= 2, ">= 2") if name == "gen_batch" else   # batch norm needs two samples
+                (value >= 1, ">= 1") if isinstance(value, int) else (value > 0, "> 0"))
     return None if ok and math.isfinite(value) else f"{name} is {want}, got {value}"
 
 
 # The paper's budgets where it or its sources give them (README, "Presets"): WGAN-GP's critic schedule
-# (Gulrajani et al. 2017), 3000 generator steps per task (kuc2477/pytorch-deep-generative-replay), van de
-# Ven et al.'s 784-400-400-10 solver, batch 128, and 2000 (split) or 5000 (permuted) solver steps per task.
-# Three deviations, each measured in reference/README.md: the MNIST experiments replay the running average
+# (Gulrajani et al. 2017), 3000 generator steps per task (kuc2477/pytorch-deep-generative-replay), van de Ven
+# et al.'s 784-400-400-10 solver, batch 128, and 2000 (split) or 5000 (permuted) solver steps per task. Three
+# deviations, each with its evidence in reference/README.md: the MNIST experiments replay the running average
 # of the generator's weights (gen_ema); permuted's GAN is fully connected, since convolutions cannot model
 # permuted pixels; chain's and permuted's solver lr decays by a cosine within each task.
+SVHN_SAMPLES = (1000, 2000, 5000, 10000, 20000)   # Fig. 4's generator steps
 PAPER = {
-    "chain": Budget(solver_iters=5000, gen_iters=5000, eval_every=1000, gen_ema=0.99, solver_schedule="cosine"),
+    "chain": Budget(solver_iters=5000, gen_iters=5000, eval_every=1000, gen_ema=0.99,
+                    solver_schedule="cosine"),
     "permuted": Budget(solver_iters=5000, gen_iters=3000, eval_every=500, gen_ema=0.99, gan="mlp", width=256,
                        gen_lr=4e-4, critic_lr=8e-4, solver_schedule="cosine"),
     "split": Budget(solver_iters=2000, gen_iters=3000, eval_every=250, gen_ema=0.99),
-    "mnist-svhn": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
-    "svhn-mnist": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=(1000, 2000, 5000, 10000, 20000)),
+    "mnist-svhn": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=SVHN_SAMPLES),
+    "svhn-mnist": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, sample_at=SVHN_SAMPLES),
     "lwf": Budget(solver_iters=5000, gen_iters=20000, eval_every=500, warmup_iters=1000),
 }
 # fast: for a CPU; split's and permuted's budgets are points of GR's measured frontier of accuracy against
-# time on 2 cores (reference/README.md). A fully connected WGAN-GP (about 10x cheaper per image on a CPU than
-# the DCGAN's convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed
-# by a cosine within each task. chain's and permuted's generators, which must carry all ten digits (of every
-# permutation) to the next task, are wider and train longer; split's GAN trains on larger batches at a higher lr.
+# time on 2 cores (reference/README.md). A fully connected WGAN-GP (far cheaper per image on a CPU than the
+# DCGAN's convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed by
+# a cosine within each task. chain's and permuted's generators, which must carry all ten digits (of every
+# permutation) to the next task, are wider and train longer; split's GAN trains on larger batches at a
+# higher lr.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
-FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)   # chain, permuted: ten digits
+FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)
+FAST_SVHN = dict(FAST_GAN, solver_iters=1000, gen_iters=2000, eval_every=250)
 FAST = {
     "chain": Budget(eval_every=1000, **FAST_ALL_DIGITS),
     "permuted": Budget(eval_every=500, gen_batch=128, **dict(FAST_ALL_DIGITS, gen_lr=4e-4, critic_lr=8e-4)),
-    "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, gen_ema=0.99, gen_batch=256,
-                    **dict(FAST_GAN, gen_lr=8e-4, critic_lr=1.6e-3)),
-    "mnist-svhn": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
-    "svhn-mnist": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, sample_at=(200, 500, 1000, 2000), **FAST_GAN),
-    "lwf": Budget(solver_iters=1000, gen_iters=2000, eval_every=250, warmup_iters=200, **FAST_GAN),
+    "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, gen_ema=0.99,
+                    gen_batch=256, **dict(FAST_GAN, gen_lr=8e-4, critic_lr=1.6e-3)),
+    "mnist-svhn": Budget(sample_at=(200, 500, 1000, 2000), **FAST_SVHN),
+    "svhn-mnist": Budget(sample_at=(200, 500, 1000, 2000), **FAST_SVHN),
+    "lwf": Budget(warmup_iters=200, **FAST_SVHN),
 }
 # quick: a smoke test that runs each experiment on a CPU in about a minute, not a reproduction; its tiny GAN
 # needs a high lr to learn anything in so few steps.
 QUICK_COMMON = dict(solver_iters=150, gen_iters=60, batch=64, gen_batch=16, eval_every=50, train_limit=3000,
                     test_limit=1000, width=8, hidden=128, cnn_channels=8, n_tasks=3, n_critic=3, gen_lr=1e-3)
-QUICK = {exp: Budget(**QUICK_COMMON) for exp in EXPERIMENTS}
-QUICK["lwf"] = Budget(**{**QUICK_COMMON, "warmup_iters": 30})
-QUICK["split"] = Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters": 200})
-for _exp in ("mnist-svhn", "svhn-mnist"):
-    QUICK[_exp] = Budget(**{**QUICK_COMMON, "sample_at": (10, 20, 40, 60)})
+QUICK = {exp: Budget(**QUICK_COMMON) for exp in ("chain", "permuted")}
+QUICK.update({"split": Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters": 200}),
+              "mnist-svhn": Budget(**QUICK_COMMON, sample_at=(10, 20, 40, 60)),
+              "svhn-mnist": Budget(**QUICK_COMMON, sample_at=(10, 20, 40, 60)),
+              "lwf": Budget(**QUICK_COMMON, warmup_iters=30)})
 PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
-def budget_overrides(text: str) -> dict:
-    """`name=value,...` -> {name: value} with each value of its Budget field's type; ValueError if bad."""
-    out = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, value = item.partition("=")
-        if name not in BUDGET_DEFAULTS or not value:
-            raise ValueError(f"{item!r} is not name=value with a name among {', '.join(BUDGET_DEFAULTS)}")
-        if name in out:
-            raise ValueError(f"{name} is given twice")
-        kind = type(BUDGET_DEFAULTS[name])
-        try:
-            out[name] = tuple(int(v) for v in value.split(":")) if kind is tuple else kind(value)
-        except ValueError:
-            raise ValueError(f"{name} takes {TYPE_NAMES[kind]}, got {value!r}") from None
-        if (why := budget_field_error(name, out[name])):
-            raise ValueError(why)
-    return out
 
-
-def budget_for(args: Args, exp: str) -> Budget:
-    """The preset's budget of `exp` with the command line's overrides (args.preset is resolved by main)."""
-    b = PRESETS[args.preset][exp]
-    flags = {name: getattr(args, name) for name in ("solver_iters", "gen_iters", "eval_every") if getattr(args, name)}
-    return dataclasses.replace(b, **flags, **({"n_tasks": args.tasks} if args.tasks else {}), **budget_overrides(args.budget))
-
-
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Data: torchvision datasets held as tensors on the training device, pixels in [-1, 1].
 
 
 @dataclass
 class Task:
-    """One task's data: inputs x (float, in [-1, 1], batch first) and integer class labels y, on one device."""
+    """One task's data: inputs x (float, in [-1, 1], batch first) and int64 class labels y, on one device."""
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -244,39 +178,32 @@ class Task:
 
     def __post_init__(self):
         for part in ("train", "test"):
-            x, y = getattr(self, "x_" + part), getattr(self, "y_" + part)
-            where = f"task {self.name!r}: x_{part}"
-            if not (torch.is_tensor(x) and torch.is_tensor(y)):
-                raise ValueError(f"{where} and y_{part} must be tensors, got {type(x).__name__} and {type(y).__name__}")
-            if not x.is_floating_point() or x.dim() < 2:
-                raise ValueError(f"{where} must be a float tensor (batch, ...), got {x.dtype} of shape {tuple(x.shape)}")
-            if y.dtype != torch.long or y.dim() != 1:
-                raise ValueError(f"task {self.name!r}: y_{part} must be int64 labels of shape (batch,), "
-                                 f"got {y.dtype} of shape {tuple(y.shape)}")
+            x, y, at = getattr(self, "x_" + part), getattr(self, "y_" + part), f"task {self.name!r}: x_{part}"
+            if not (torch.is_tensor(x) and torch.is_tensor(y) and x.is_floating_point() and x.dim() >= 2):
+                raise ValueError(f"{at} must be a float tensor (batch, ...), and y_{part} a tensor")
+            if y.dtype != torch.long or y.dim() != 1 or (len(y) and int(y.min()) < 0):
+                raise ValueError(f"task {self.name!r}: y_{part} must be int64 labels >= 0 of shape (batch,), "
+                                 f"got {y.dtype}")
             if len(x) != len(y) or x.device != y.device:
-                raise ValueError(f"{where} and y_{part} must be as long and on one device, got {len(x)} inputs "
+                raise ValueError(f"{at} and y_{part} must be as long and on one device, got {len(x)} inputs "
                                  f"on {x.device} and {len(y)} labels on {y.device}")
             lo, hi = (float(v) for v in torch.aminmax(x)) if len(x) else (0.0, 0.0)
             if math.isnan(lo) or math.isnan(hi):
-                raise ValueError(f"{where} holds NaN values")
+                raise ValueError(f"{at} holds NaN values")
             if not -1.0 <= lo <= hi <= 1.0:
-                raise ValueError(f"{where} lies in [{lo:.3g}, {hi:.3g}]; inputs must lie in [-1, 1] "
-                                 "(the generator ends in tanh): e.g. pixels / 127.5 - 1")
-            if len(y) and int(y.min()) < 0:
-                raise ValueError(f"task {self.name!r}: y_{part} holds a negative label ({int(y.min())})")
+                raise ValueError(f"{at} lies in [{lo:.3g}, {hi:.3g}]; inputs must lie in [-1, 1] (the "
+                                 "generator ends in tanh): e.g. pixels / 127.5 - 1")
         if not len(self.x_train):
             raise ValueError(f"task {self.name!r} has no training inputs")
         if self.x_train.shape[1:] != self.x_test.shape[1:] or self.x_train.device != self.x_test.device:
-            raise ValueError(f"task {self.name!r}: train and test inputs differ in shape or device "
-                             f"({tuple(self.x_train.shape[1:])} on {self.x_train.device}, "
-                             f"{tuple(self.x_test.shape[1:])} on {self.x_test.device})")
+            raise ValueError(f"task {self.name!r}: train and test inputs differ in shape or device")
 
 
 class DataError(Exception):
     """A dataset missing and not downloadable, or a dataset file that is damaged: what and where."""
 
 
-# MNIST's raw files (as torchvision keeps them): the idx magic number and the number of items of each
+# MNIST's raw files (as torchvision keeps them), each with its idx magic number and its number of items
 MNIST_FILES = {"train-images-idx3-ubyte": (2051, 60000), "train-labels-idx1-ubyte": (2049, 60000),
                "t10k-images-idx3-ubyte": (2051, 10000), "t10k-labels-idx1-ubyte": (2049, 10000)}
 SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
@@ -284,15 +211,15 @@ SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 
 def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
     """A torchvision dataset from `root`. Its files (`paths`) present: loaded, else a DataError saying that
-    they are damaged; missing: downloaded, else a DataError naming them (and `folder`, the dataset's own
-    folder, removed if the failed download left it new and empty)."""
+    they are damaged; missing: downloaded, else a DataError naming them (`folder`, the dataset's own, removed
+    if the failed download left it new and empty)."""
     if all(os.path.exists(p) for p in paths):
         try:
             return cls(root, download=False, **kwargs)
         except Exception as e:   # torchvision's checksum, a truncated or foreign file
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise DataError(f"{cls.__name__}'s {', '.join(paths)} cannot be read ({type(e).__name__}: {reason}): "
-                            "damaged or incomplete; delete it to download it again") from None
+            raise DataError(f"{cls.__name__}'s {', '.join(paths)} cannot be read ({type(e).__name__}: "
+                            f"{reason}): damaged or incomplete; delete it to download it again") from None
     existed = os.path.exists(folder)
     try:
         return cls(root, download=True, **kwargs)
@@ -300,9 +227,9 @@ def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
         if not existed and not any(files for _, _, files in os.walk(folder)):
             import shutil
             shutil.rmtree(folder, ignore_errors=True)
-        raise DataError(f"{cls.__name__} is not in {os.path.abspath(os.path.dirname(paths[0]))} and could not be "
-                        f"downloaded ({type(e).__name__}). Expected files: {', '.join(map(os.path.abspath, paths))}. "
-                        "Set --data-dir or DGR_DATA.") from None
+        where, files = os.path.abspath(os.path.dirname(paths[0])), ", ".join(map(os.path.abspath, paths))
+        raise DataError(f"{cls.__name__} is not in {where} and could not be downloaded ({type(e).__name__}). "
+                        f"Expected files: {files}. Set --data-dir or DGR_DATA.") from None
 
 
 def mnist_file_problem(path: str, magic: int, n: int) -> str | None:
@@ -313,34 +240,30 @@ def mnist_file_problem(path: str, magic: int, n: int) -> str | None:
     got = (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")) if len(head) == 8 else None
     if got == (magic, n) and size == want:
         return None
-    return (f"{path} is not MNIST's {os.path.basename(path)} (header {got}, {size} bytes; expected {(magic, n)}, "
-            f"{want} bytes): delete it to download it again")
+    return (f"{path} is not MNIST's {os.path.basename(path)} (header {got}, {size} bytes; expected "
+            f"{(magic, n)}, {want} bytes): delete it to download it again")
 
 
 def load_mnist(data_dir: str, device, rgb32: bool = False):
     """MNIST as (x_train, y_train, x_test, y_test); 28x28x1, or 32x32x3 (padded, channel repeated)."""
     from torchvision.datasets import MNIST
-    raw = os.path.join(data_dir, "MNIST", "raw")
-    paths = [os.path.join(raw, f) for f in MNIST_FILES]
+    paths = [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
     if all(os.path.exists(p) for p in paths):
-        for path, (magic, n) in zip(paths, MNIST_FILES.values()):
-            if (why := mnist_file_problem(path, magic, n)):
+        for path, kind in zip(paths, MNIST_FILES.values()):
+            if (why := mnist_file_problem(path, *kind)):
                 raise DataError(why)
     out = []
     for train in (True, False):
         ds = open_dataset(MNIST, data_dir, paths, os.path.join(data_dir, "MNIST"), train=train)
         x = ds.data.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
-        if rgb32:
-            x = F.pad(x, (2, 2, 2, 2), value=-1.0).repeat(1, 3, 1, 1)
-        out += [x, ds.targets.to(device)]
+        out += [F.pad(x, (2, 2, 2, 2), value=-1.0).repeat(1, 3, 1, 1) if rgb32 else x, ds.targets.to(device)]
     return tuple(out)
 
 
 def load_svhn(data_dir: str, device):
     """SVHN (cropped digits) as (x_train, y_train, x_test, y_test), 32x32x3, labels 0..9."""
     from torchvision.datasets import SVHN
-    root = os.path.join(data_dir, "SVHN")
-    out = []
+    root, out = os.path.join(data_dir, "SVHN"), []
     for split, file in SVHN_FILES.items():
         ds = open_dataset(SVHN, root, [os.path.join(root, file)], root, split=split)
         out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
@@ -350,8 +273,7 @@ def load_svhn(data_dir: str, device):
 
 def make_task(name, data, b: Budget, seed: int, head: int = 0, transform=None, classes=None) -> Task:
     """A task from (x_train, y_train, x_test, y_test): optional class subset and input transform."""
-    gen = torch.Generator().manual_seed(seed)
-    parts = []
+    gen, parts = torch.Generator().manual_seed(seed), []
     for x, y, limit in ((data[0], data[1], b.train_limit), (data[2], data[3], b.test_limit)):
         if classes is not None:
             keep = torch.isin(y, torch.tensor(classes, device=y.device))
@@ -371,12 +293,9 @@ def pixel_permutation(n_pixels: int, seed: int, task: int) -> torch.Tensor:
 
 
 def permuted_tasks(data, b: Budget, seed: int) -> list[Task]:
-    tasks = []
-    for t in range(b.n_tasks):
-        perm = pixel_permutation(28 * 28, seed, t).to(data[0].device)
-        permute = lambda x, p=perm: x.flatten(1)[:, p].view_as(x)
-        tasks.append(make_task(f"perm{t + 1}", data, b, seed, transform=permute))
-    return tasks
+    perms = [pixel_permutation(28 * 28, seed, t).to(data[0].device) for t in range(b.n_tasks)]
+    return [make_task(f"perm{t + 1}", data, b, seed, transform=lambda x, p=p: x.flatten(1)[:, p].view_as(x))
+            for t, p in enumerate(perms)]
 
 
 SPLIT_CLASSES = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
@@ -386,8 +305,9 @@ def split_tasks(data, b: Budget, seed: int) -> list[Task]:
     return [make_task(f"{c[0]}-{c[1]}", data, b, seed, classes=c) for c in SPLIT_CLASSES]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Models: DCGAN-style generator, critic without batch norm, MLP or CNN solver with one head per task.
+# ------------------------------------------------------------------------------------------------------------
+# Models: DCGAN-style generator, critic without batch norm, MLP or CNN solver with one head per task; the
+# scholar, and the Adam optimizers each of its networks trains with.
 
 
 def check_input_shape(shape) -> tuple:
@@ -419,8 +339,8 @@ class Generator(nn.Module):
         n_up = max(1, int(math.log2(min(h, w) / 4)))
         self.z_dim, self.shape = z_dim, (c, h, w)
         self.start, ch = (math.ceil(h / 2 ** n_up), math.ceil(w / 2 ** n_up)), width * 2 ** (n_up - 1)
-        self.fc = nn.Sequential(nn.Linear(z_dim, ch * math.prod(self.start)), nn.BatchNorm1d(ch * math.prod(self.start)),
-                                nn.ReLU())
+        units = ch * math.prod(self.start)
+        self.fc = nn.Sequential(nn.Linear(z_dim, units), nn.BatchNorm1d(units), nn.ReLU())
         layers = []
         for _ in range(n_up - 1):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1), nn.BatchNorm2d(ch // 2), nn.ReLU()]
@@ -437,9 +357,10 @@ class Generator(nn.Module):
 
 
 def make_critic(shape, width=64) -> nn.Sequential:
-    """DCGAN critic, image -> score: stride-2 convolutions of width, 2 width, 4 width, ... channels (64-128-256
-    for 28x28 and 32x32) until the map is at most 4x4, each halving the size (kernel 4; kernel 3 on an odd
-    size, rounding up), then a linear layer. No batch norm: it would couple the samples of the penalty."""
+    """DCGAN critic, image -> score: stride-2 convolutions of width, 2 width, 4 width, ... channels
+    (64-128-256 for 28x28 and 32x32) until the map is at most 4x4, each halving the size (kernel 4; kernel 3
+    on an odd size, rounding up), then a linear layer. No batch norm: it would couple the samples of the
+    penalty."""
     c, h, w = image_shape(shape, "the conv GAN")
     layers, ch = [], c
     for i in itertools.count():
@@ -521,24 +442,25 @@ class Scholar(nn.Module):
         if b.gen_ema and with_generator:
             self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
 
-    def optimizers(self, b: Budget) -> dict[str, torch.optim.Optimizer]:
-        """Adam for each network: the solver's (0.9, 0.999), the GAN's (0.5, 0.9) as in WGAN-GP."""
-        opts = {"solver": adam(self.solver, b.solver_lr)}
+    def optimizers(self, b: Budget, graphs: bool = False) -> dict[str, torch.optim.Optimizer]:
+        """Adam for each network: the solver's (0.9, 0.999), the GAN's (0.5, 0.9) as in WGAN-GP; `graphs`:
+        capturable by CUDA graphs (train_task's graphs=True)."""
+        opts = {"solver": adam(self.solver, b.solver_lr, graphs=graphs)}
         if self.generator is not None:
-            opts["generator"] = adam(self.generator, b.gen_lr, (0.5, 0.9))
-            opts["critic"] = adam(self.critic, b.effective_critic_lr, (0.5, 0.9))
+            opts["generator"] = adam(self.generator, b.gen_lr, (0.5, 0.9), graphs)
+            opts["critic"] = adam(self.critic, b.effective_critic_lr, (0.5, 0.9), graphs)
         return opts
 
     def frozen_copy(self) -> Scholar:
-        """The previous scholar: its generator (the weight average, where kept) and solver copied without
-        gradients, to sample and label."""
-        kept = self.critic, self.generator, self.generator_ema
-        self.critic, self.generator_ema = None, None
-        self.generator = kept[1] if kept[2] is None else kept[2]
+        """The previous scholar: a copy without gradients of the generator it replays (the weight average,
+        where kept) and of its solver, to sample and label; no critic."""
+        critic, generator, average = self.critic, self.generator, self.generator_ema
+        replayed = generator if average is None else average
+        self.critic, self.generator, self.generator_ema = None, replayed, None
         try:
             return copy.deepcopy(self).requires_grad_(False)
         finally:
-            self.critic, self.generator, self.generator_ema = kept
+            self.critic, self.generator, self.generator_ema = critic, generator, average
 
     @torch.no_grad()
     def sample(self, n: int, trained: bool = False) -> torch.Tensor:
@@ -555,11 +477,11 @@ class Scholar(nn.Module):
         average over about 1/(1 - decay) steps. Step 1 restarts it from the generator's weights."""
         weight = max(1.0 / step, 1.0 - decay)
         torch._foreach_lerp_(list(self.generator_ema.parameters()), list(self.generator.parameters()), weight)
-        for average, b in zip(self.generator_ema.buffers(), self.generator.buffers()):   # batch norm's statistics
+        for average, b in zip(self.generator_ema.buffers(), self.generator.buffers()):   # batch norm's stats
             average.copy_(b)
 
     @torch.no_grad()
-    def label(self, x: torch.Tensor, head: int = 0, soft: bool = False, temperature: float = 1.0) -> torch.Tensor:
+    def label(self, x: torch.Tensor, head: int = 0, soft: bool = False, temperature: float = 1.0):
         was_training = self.solver.training
         self.solver.eval()
         logits = self.solver(x, head)
@@ -567,9 +489,57 @@ class Scholar(nn.Module):
         return (logits / temperature).softmax(1) if soft else logits.argmax(1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The two losses of a DGR step: the plain PyTorch reference (*_ref) beside the fused C++/CUDA op of
-# csrc/ (torch.ops.dgr.*) that replaces it; `impl` (or --impl for the process) picks: auto, ext, torch.
+def adam(module: nn.Module, lr: float, betas=(0.9, 0.999), graphs: bool = False) -> torch.optim.Adam:
+    """Adam over a module's parameters. On CUDA the fused kernel with its lr a float32 tensor on the device
+    (the dtype that kernel reads), so that a replayed CUDA graph reads the lr of the moment (the cosine
+    schedule) and eager steps do the same arithmetic; capturable when steps run as graphs."""
+    p = next(module.parameters())
+    if not p.is_cuda:
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
+    return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, dtype=torch.float32, device=p.device),
+                            betas=betas, capturable=graphs, fused=True)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The two losses of a replay step: the plain PyTorch reference (*_ref) beside the fused C++/CUDA op of csrc/
+# (torch.ops.dgr.*) that replaces it. One process-wide choice, set_impl (impl= overrides it per call): auto
+# (the op where it loads, else the reference), ext (the op, or an error), torch (the reference). OPS["load"]
+# is the op loader of the plumbing below.
+
+IMPLS = ("auto", "ext", "torch")
+OPS = {"impl": "auto", "loaded": None, "kernels": {}, "load": None}   # loaded: None (not tried), True, False
+
+
+def set_impl(impl: str) -> None:
+    """Choose the loss implementation for this process: auto, ext (the fused op, or an error) or torch."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}: choose from {', '.join(IMPLS)}")
+    OPS["impl"] = impl
+
+
+def use_extension(x: torch.Tensor, impl: str | None = None) -> bool:
+    """Whether the fused op serves this call: impl allows it, the op is loaded and has a kernel for x's
+    device."""
+    impl = impl or OPS["impl"]
+    if impl == "torch":
+        return False
+    if OPS["loaded"] is None:
+        OPS["load"](required=impl == "ext")
+    key = "CUDA" if x.is_cuda else "CPU"
+    if OPS["loaded"] and OPS["kernels"][key]:
+        return True
+    if impl == "ext":
+        raise RuntimeError(f"the dgr ops have no {key} kernel here (rebuild: python setup.py build_ext "
+                           "--inplace)")
+    return False
 
 
 def gradient_penalty_ref(grad: torch.Tensor, lam: float) -> torch.Tensor:
@@ -586,8 +556,8 @@ def gradient_penalty(grad: torch.Tensor, lam: float, impl: str | None = None) ->
 
 
 def replay_loss_ref(logits_real, labels, logits_replay, targets_replay, r: float) -> torch.Tensor:
-    """r * CE(logits_real, labels) + (1 - r) * CE(logits_replay, targets); targets are class indices
-    (hard) or probabilities (soft); an empty batch contributes nothing."""
+    """r * CE(logits_real, labels) + (1 - r) * CE(logits_replay, targets); targets are class indices (hard) or
+    probabilities (soft); an empty batch contributes nothing."""
     loss = logits_real.new_zeros(())
     if len(logits_real):
         loss = loss + r * F.cross_entropy(logits_real, labels)
@@ -600,58 +570,55 @@ def replay_loss_ref(logits_real, labels, logits_replay, targets_replay, r: float
     return loss
 
 
-def replay_loss(logits_real, labels, logits_replay, targets_replay, r: float, impl: str | None = None) -> torch.Tensor:
+def replay_loss(logits_real, labels, logits_replay, targets_replay, r: float, impl: str | None = None):
     """The solver's replay-mixing loss; fused op: log-softmax, loss and gradient in one pass per row."""
     if use_extension(logits_real, impl):
         return torch.ops.dgr.replay_loss_fwd(logits_real, labels, logits_replay, targets_replay, r)[0]
     return replay_loss_ref(logits_real, labels, logits_replay, targets_replay, r)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The variants, one row each: where the replayed inputs x' come from, and how they are labelled.
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str                       # in tables and figures
-    replay: str                     # x': generator (old generator's samples), stored (real past inputs), noise, none
-    distill: bool = False           # soft targets at --temperature, loss on z/T scaled by T^2 (Hinton et al.)
+    replay: str                     # x': generator (the old one's samples), stored (real inputs), noise, none
+    distill: bool = False           # soft targets at a temperature, loss on z/T scaled by T^2 (Hinton et al.)
     ewc: bool = False               # no replay: online EWC's penalty on moving important weights
-    lwf_name: str = ""              # its name in lwf, where none still distils (x' = the current inputs)
-    experiments: tuple = EXPERIMENTS
+    lwf_name: str = ""              # its name in LwF, where none still distils (x' = the current inputs)
 
     @property
     def generative(self) -> bool:   # the scholar has a generator to train
         return self.replay == "generator"
 
-    def source(self, exp: str) -> str:
-        """Where x' comes from in `exp`: LwF (the lwf experiment) distils the current inputs without replay."""
-        return "current" if exp == "lwf" and self.replay == "none" else self.replay
+    def source(self, lwf: bool = False) -> str:
+        """Where x' comes from; in LwF (Learning without Forgetting) None distils the current inputs."""
+        return "current" if lwf and self.replay == "none" else self.replay
 
-    def replays(self, exp: str) -> bool:   # a task after the first has an old scholar to replay from
-        return self.source(exp) != "none"
+    def replays(self, lwf: bool = False) -> bool:   # a task after the first has an old scholar to replay from
+        return self.source(lwf) != "none"
 
-    def label(self, exp: str) -> str:
-        return self.lwf_name if exp == "lwf" else self.name
+    def label(self, lwf: bool = False) -> str:
+        return self.lwf_name if lwf else self.name
 
 
 VARIANTS = {   # the paper's four (GR, ER, Noise, None) and two baselines
     "gr": Variant("GR", "generator", lwf_name="LwF-GR"),
-    "gr+distill": Variant("GR+distill", "generator", distill=True, experiments=tuple(e for e in EXPERIMENTS if e != "lwf")),
+    "gr+distill": Variant("GR+distill", "generator", distill=True),
     "er": Variant("ER", "stored", lwf_name="LwF-ER"),
-    "ewc": Variant("EWC", "none", ewc=True, experiments=("permuted", "split")),
+    "ewc": Variant("EWC", "none", ewc=True),
     "noise": Variant("Noise", "noise", lwf_name="LwF-Noise"),
     "none": Variant("None", "none", lwf_name="LwF"),
 }
-
-
 REPLAY_SOURCES = ("generator", "stored", "noise", "current", "none")
 
 
 @dataclass
 class Replay:
-    """What one task replays: x' from `source` (generator, stored, noise, current, none), labelled by the
-    old scholar's solver (head `head`); 'ewc' holds online EWC's Fisher, anchor and lambda instead."""
+    """What one task replays: x' from `source` (generator, stored, noise, current, none), labelled by the old
+    scholar's solver (head `head`); `ewc` holds online EWC's Fisher, anchor and lambda instead."""
     source: str = "none"
     old: Scholar | None = None
     pool: list = field(default_factory=list)    # stored: x_train of each past task
@@ -662,14 +629,15 @@ class Replay:
 
     def __post_init__(self):
         if self.source not in REPLAY_SOURCES:
-            raise ValueError(f"unknown replay source {self.source!r}: choose from {', '.join(REPLAY_SOURCES)}")
+            raise ValueError(f"unknown replay source {self.source!r}: choose from "
+                             f"{', '.join(REPLAY_SOURCES)}")
         if self.source != "none" and not isinstance(self.old, Scholar):
-            raise ValueError(f"replay from {self.source!r} needs the previous scholar: Replay({self.source!r}, "
-                             "old=scholar.frozen_copy())")
+            raise ValueError(f"replay from {self.source!r} needs the previous scholar: "
+                             f"Replay({self.source!r}, old=scholar.frozen_copy())")
         if self.source == "generator" and self.old.generator is None:
             raise ValueError("replay from 'generator' needs a previous scholar with a generator")
-        if self.source == "stored" and not (self.pool and all(torch.is_tensor(p) and len(p) for p in self.pool)):
-            raise ValueError("replay from 'stored' needs pool=[x_train of each past task], each a non-empty tensor")
+        if self.source == "stored" and not all(torch.is_tensor(x) and len(x) for x in self.pool or [[]]):
+            raise ValueError("replay from 'stored' needs pool=[x_train of each past task], non-empty tensors")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"the temperature must be > 0 and finite, got {self.temperature}")
 
@@ -685,16 +653,17 @@ class Replay:
 
 
 def stored_rows_by_task(pool: list, n: int) -> torch.Tensor:
-    """n real past inputs (ER): each row's task drawn uniformly, then a row of that task's inputs; grouped
-    by task. The number drawn per task is read on the host, so on CUDA this waits for the device."""
+    """n real past inputs (ER): each row's task drawn uniformly, then a row of that task's inputs; grouped by
+    task. The number drawn per task is read on the host, so on CUDA this waits for the device."""
     which = torch.randint(len(pool), (n,))
-    return torch.cat([p[torch.randint(len(p), (int((which == k).sum()),), device=p.device)] for k, p in enumerate(pool)])
+    return torch.cat([p[torch.randint(len(p), (int((which == k).sum()),), device=p.device)]
+                      for k, p in enumerate(pool)])
 
 
 def stored_rows_in_place(pool: list, n: int) -> torch.Tensor:
     """The distribution of stored_rows_by_task without a host synchronisation, so that a CUDA graph holds it
-    (ER's solver step graphed): a row of every task for each of the n places, one of them kept per place.
-    Used on CUDA; the CPU keeps the draw by task, with which the committed CPU results were made."""
+    (ER's solver step graphed): a row of every task for each of the n places, one of them kept per place. Used
+    on CUDA; the CPU keeps the draw by task, with which the committed CPU results were made."""
     which = torch.randint(len(pool), (n,) + (1,) * (pool[0].dim() - 1), device=pool[0].device)
     rows = pool[0][torch.randint(len(pool[0]), (n,), device=pool[0].device)]
     for k, p in enumerate(pool[1:], 1):
@@ -702,17 +671,91 @@ def stored_rows_in_place(pool: list, n: int) -> torch.Tensor:
     return rows
 
 
-def make_replay(v: Variant, exp: str, args: Args, old: Scholar | None, pool: list, head: int, ewc: dict | None) -> Replay:
-    """The replay of variant `v` on a task, given the previous scholar `old` (None on the first task)."""
+def make_replay(v: Variant, lwf: bool, old: Scholar | None, pool: list, head: int, ewc: dict | None,
+                soft_targets: bool = False, temperature: float = 2.0) -> Replay:
+    """The replay of variant `v` on a task, given the previous scholar `old` (None on the first task); its
+    targets soft where the variant distils (at `temperature`) or soft_targets asks (at 1)."""
     if v.ewc:
         return Replay(ewc=ewc)
     if old is None:
         return Replay()
-    soft = v.distill or args.replay_targets == "soft"
-    return Replay(v.source(exp), old, pool, head, soft, args.temperature if v.distill else 1.0)
+    soft = v.distill or soft_targets
+    return Replay(v.source(lwf), old, pool, head, soft, temperature if v.distill else 1.0)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# The experiments, one row each: how a run's tasks are made, and what it trains and keeps.
+
+LINKS = 5   # chain: scholars in the chain
+ALL_BUT_EWC = ("gr", "gr+distill", "er", "noise", "none")
+
+
+def two_domains(first: str, second: str, heads: bool = False):
+    """The tasks of a two-domain experiment: all of `first`, then all of `second` (with heads: on head 1)."""
+    return lambda data, b, seed: [make_task(first, data[first], b, seed),
+                                  make_task(second, data[second], b, seed, head=int(heads))]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str                      # in figures
+    make_tasks: Callable            # (datasets by name, b, seed) -> the tasks in order
+    n_tasks: Callable               # b -> how many tasks (chain: links)
+    svhn: bool = False              # SVHN and MNIST at 32x32x3, a CNN solver; else MNIST at 28x28x1, an MLP
+    lwf: bool = False               # Learning without Forgetting: a head per task, None distils new inputs
+    chain: bool = False             # each task a new link that learns only from the previous link's replay
+    last_generator: bool = False    # the last task's generator trains too (its samples are shown)
+    sample_rows: str = ""           # a sample row after each task: grid <variant>_seed<k>_samples_<rows>.png
+    variants: tuple = ALL_BUT_EWC   # the variants that apply
+
+    @property
+    def shape(self) -> tuple:
+        return (3, 32, 32) if self.svhn else (1, 28, 28)
+
+    @property
+    def heads(self) -> int:
+        return 2 if self.lwf else 1
+
+
+def chain_tasks(data: dict, b: Budget, seed: int) -> list[Task]:
+    return [make_task("mnist", data["mnist"], b, seed)] * LINKS
+
+
+EXPERIMENTS = {e.name: e for e in (
+    Experiment("chain", "Chain of scholars (Table 1)", chain_tasks, lambda b: LINKS, chain=True,
+               sample_rows="links"),
+    Experiment("permuted", "Permuted MNIST (Fig. 2)",
+               lambda data, b, seed: permuted_tasks(data["mnist"], b, seed), lambda b: b.n_tasks,
+               variants=(*ALL_BUT_EWC, "ewc")),
+    Experiment("mnist-svhn", "MNIST then SVHN (Fig. 3)", two_domains("mnist", "svhn"), lambda b: 2, svhn=True,
+               last_generator=True),
+    Experiment("svhn-mnist", "SVHN then MNIST (Fig. 3)", two_domains("svhn", "mnist"), lambda b: 2, svhn=True,
+               last_generator=True),
+    Experiment("lwf", "SVHN then MNIST, a head per task (Fig. 5)", two_domains("svhn", "mnist", heads=True),
+               lambda b: 2, svhn=True, lwf=True, variants=("gr", "er", "noise", "none")),
+    Experiment("split", "Split MNIST, class-incremental (Fig. 6)",
+               lambda data, b, seed: split_tasks(data["mnist"], b, seed), lambda b: len(SPLIT_CLASSES),
+               last_generator=True, sample_rows="tasks", variants=(*ALL_BUT_EWC, "ewc")),
+)}
+
+
+def task_trains(e: Experiment, v: Variant, i: int, b: Budget) -> tuple[bool, bool]:
+    """(solver, generator): whether task i of a run of `e` with `v` trains its solver, and its generator.
+    Without replay, chain links after the first learn nothing; the last task's generator, which no later task
+    replays, trains only where its samples are shown."""
+    solver = not (e.chain and i > 0 and not v.replays(e.lwf))
+    return solver, solver and v.generative and (i < e.n_tasks(b) - 1 or e.last_generator)
+
+
+def load_data(e: Experiment, data_dir: str, device) -> dict:
+    """The datasets an experiment's tasks are made from, loaded once for all its runs."""
+    if not e.svhn:
+        return {"mnist": load_mnist(data_dir, device)}
+    return {"mnist": load_mnist(data_dir, device, rgb32=True), "svhn": load_svhn(data_dir, device)}
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The training steps, and train_task: one task of Deep Generative Replay.
 
 
@@ -786,7 +829,8 @@ def solver_step(s: Scholar, opt, task: Task, replay: Replay, r: float, batch: in
 
 def ewc_penalty(solver: Solver, ewc: dict) -> torch.Tensor:
     """lambda/2 * sum_i F_i (theta_i - theta*_i)^2 over the solver's weights."""
-    return 0.5 * ewc["lam"] * sum((f * (p - a) ** 2).sum() for p, f, a in zip(solver.parameters(), ewc["fisher"], ewc["anchor"]))
+    moved = zip(solver.parameters(), ewc["fisher"], ewc["anchor"])
+    return 0.5 * ewc["lam"] * sum((f * (p - a) ** 2).sum() for p, f, a in moved)
 
 
 def ewc_update(ewc: dict | None, solver: Solver, task: Task, b: Budget) -> dict:
@@ -808,22 +852,25 @@ def ewc_update(ewc: dict | None, solver: Solver, task: Task, b: Budget) -> dict:
 
 
 def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: Budget, *,
-               train_generator: bool = True, start: int = 0, callback=lambda phase, step, losses: None) -> None:
+               train_generator: bool = True, start: int = 0, graphs: bool = False,
+               callback=lambda phase, step, losses: None) -> None:
     """Train scholar `s` (its optimizers `opts`, from Scholar.optimizers) on `task` with `replay`.
 
-    With replay, LwF's head warm-up first (b.warmup_iters steps, if any); then b.solver_iters solver steps
-    on r*CE(real) + (1-r)*CE(replayed); then, if train_generator, b.gen_iters generator steps, each after
-    b.n_critic WGAN-GP critic steps on the r-mix of real inputs and old samples. `start` skips the first
-    steps (a resumed task: solver steps, then generator steps, are counted); callback(phase, step, losses)
-    follows each step, phase 'warm-up', 'solver' or 'generator', its step counted from 1."""
+    With replay, LwF's head warm-up first (b.warmup_iters steps, if any); then b.solver_iters solver steps on
+    r*CE(real) + (1-r)*CE(replayed); then, if train_generator, b.gen_iters generator steps, each after
+    b.n_critic WGAN-GP critic steps on the r-mix of real inputs and old samples. `start` skips the first steps
+    of a resumed task (its position: solver steps, then generator steps). graphs: whole steps as CUDA graphs
+    on a CUDA device. callback(phase, step, losses) follows each step, phase 'warm-up', 'solver' or
+    'generator', its step counted from 1. NonFiniteLoss if a loss turns NaN or infinite."""
     check_training_inputs(s, opts, task, replay, r, train_generator)
+    solver_done, generator_done = steps_in(start, b)
     if start == 0:   # each task starts the solver's Adam afresh
-        opts["solver"] = adam(s.solver, b.solver_lr)
+        opts["solver"] = adam(s.solver, b.solver_lr, graphs=graphs)
         if b.warmup_iters and replay.source != "none":
             warm_up_head(s, task, b, callback)
-    device = task.x_train.device   # whole steps as CUDA graphs where enabled
+    device = task.x_train.device if graphs and task.x_train.is_cuda else None   # None: eager steps
     solver = graphed(lambda: solver_step(s, opts["solver"], task, replay, r, b.batch), device)
-    for step in range(start + 1, b.solver_iters + 1):
+    for step in range(solver_done + 1, b.solver_iters + 1):
         if b.solver_schedule == "cosine":
             set_lr(opts["solver"], b.solver_lr * cosine(step, b.solver_iters))
         losses = {"solver": solver()}
@@ -835,10 +882,11 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
 
     def gan_step():   # n_critic critic steps, then one generator step
         for _ in range(b.n_critic):
-            critic_loss = critic_step(s, opts["critic"], generator_inputs(task, replay, r, b.gen_batch), b.lam)
+            real = generator_inputs(task, replay, r, b.gen_batch)
+            critic_loss = critic_step(s, opts["critic"], real, b.lam)
         return {"critic": critic_loss, "generator": generator_step(s, opts["generator"], b.gen_batch)}
     gan_step = graphed(gan_step, device)
-    for step in range(max(0, start - b.solver_iters) + 1, b.gen_iters + 1):
+    for step in range(generator_done + 1, b.gen_iters + 1):
         if b.gan_schedule == "cosine":
             factor = cosine(step, b.gen_iters)
             set_lr(opts["generator"], b.gen_lr * factor)
@@ -849,6 +897,17 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         if step % generator_check_every(b) == 0 or step == b.gen_iters:
             check_losses(losses, f"task {task.name} generator step {step}")
         callback("generator", step, losses)
+
+
+def steps_in(at: int, b: Budget) -> tuple[int, int]:
+    """A task's position `at`, counted in solver steps then generator steps, as (solver steps, generator
+    steps)."""
+    return min(at, b.solver_iters), max(0, at - b.solver_iters)
+
+
+def position_of(phase: str, step: int, b: Budget) -> int:
+    """The task position after `step` steps of `phase` (solver or generator): steps_in's inverse."""
+    return step + (b.solver_iters if phase == "generator" else 0)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -866,36 +925,57 @@ def generator_check_every(b: Budget) -> int:
     return max(1, b.gen_iters // max(1, b.solver_iters // b.eval_every))
 
 
-def check_training_inputs(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, train_generator: bool):
-    """ValueError, before any step, if train_task's inputs do not fit together: what is wrong and with what."""
+def check_training_inputs(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, train_generator):
+    """ValueError, before any step, if train_task's inputs do not fit together: what is wrong, with what."""
     if not (isinstance(s, Scholar) and isinstance(task, Task) and isinstance(replay, Replay)):
         raise ValueError("train_task takes a Scholar, its optimizers, a Task and a Replay")
-    param = next(s.solver.parameters())
-    if tuple(task.x_train.shape[1:]) != s.shape:
-        raise ValueError(f"task {task.name!r} has inputs of shape {tuple(task.x_train.shape[1:])}, the scholar "
-                         f"was made for {s.shape}")
-    if task.x_train.device != param.device or task.x_train.dtype != param.dtype:
-        raise ValueError(f"task {task.name!r} is {task.x_train.dtype} on {task.x_train.device}, the scholar "
-                         f"{param.dtype} on {param.device}: move one (scholar.to(...), tensor.to(...))")
+    p, x, old, name = next(s.solver.parameters()), task.x_train, replay.old, f"task {task.name!r}"
     top = max(int(task.y_train.max()), int(task.y_test.max()) if len(task.y_test) else 0)
-    if top >= s.n_classes:
-        raise ValueError(f"task {task.name!r} has label {top}, the scholar's solver has {s.n_classes} classes "
-                         f"(0..{s.n_classes - 1}): Scholar(..., n_classes=K)")
-    if not 0 <= task.head < len(s.solver.heads):
-        raise ValueError(f"task {task.name!r} uses head {task.head}, the solver has {len(s.solver.heads)}")
-    if not (0.0 <= r <= 1.0):
-        raise ValueError(f"the real-data share r must lie in [0, 1], got {r}")
-    old = replay.old
-    if old is not None and (old.shape != s.shape or old.n_classes != s.n_classes):
-        raise ValueError(f"the previous scholar was made for {old.shape} and {old.n_classes} classes, this one for "
-                         f"{s.shape} and {s.n_classes}")
-    if old is not None and not 0 <= replay.head < len(old.solver.heads):
-        raise ValueError(f"the replay uses head {replay.head}, the previous solver has {len(old.solver.heads)}")
-    if replay.source == "stored" and any(tuple(p.shape[1:]) != s.shape or p.device != param.device for p in replay.pool):
-        raise ValueError(f"the stored inputs must have the scholar's shape {s.shape} and device {param.device}")
     needed = ["solver"] + (["generator", "critic"] if train_generator and s.generator is not None else [])
-    if not isinstance(opts, dict) or any(k not in opts for k in needed):
-        raise ValueError(f"opts must hold the optimizers {', '.join(needed)}: opts = scholar.optimizers(b)")
+    for wrong, why in (
+            (tuple(x.shape[1:]) != s.shape,
+             f"{name} has inputs of shape {tuple(x.shape[1:])}, the scholar was made for {s.shape}"),
+            (x.device != p.device or x.dtype != p.dtype, f"{name} is {x.dtype} on {x.device}, the scholar "
+             f"{p.dtype} on {p.device}: move one (scholar.to(...), tensor.to(...))"),
+            (top >= s.n_classes, f"{name} has label {top}, the scholar's solver has {s.n_classes} classes "
+                                 f"(0..{s.n_classes - 1}): Scholar(..., n_classes=K)"),
+            (not 0 <= task.head < len(s.solver.heads), f"{name} uses head {task.head}, the solver has fewer"),
+            (not 0.0 <= r <= 1.0, f"the real-data share r must lie in [0, 1], got {r}"),
+            (old is not None and (old.shape, old.n_classes, len(old.solver.heads) > replay.head)
+             != (s.shape, s.n_classes, True), "the previous scholar has other inputs, classes or heads"),
+            (any(tuple(q.shape[1:]) != s.shape or q.device != p.device for q in replay.pool),
+             f"the stored inputs must have the scholar's shape {s.shape} and device {p.device}"),
+            (not isinstance(opts, dict) or any(k not in opts for k in needed),
+             f"opts must hold the optimizers {', '.join(needed)}: opts = scholar.optimizers(b)")):
+        if wrong:
+            raise ValueError(why)
+
+
+def graphed(step, device: torch.device | None):
+    """`step()` run as a CUDA graph on `device` (a CUDA device; None: eager): three eager warm-up calls on a
+    side stream, then captured once and replayed at every later call, its tensor outputs overwritten by each
+    replay (random numbers drawn inside the graph advance as in eager steps). Else `step` itself. A graph
+    holds no host synchronisation: losses stay on the device until a callback reads them."""
+    if device is None:
+        return step
+    state = {"calls": 0, "graph": None, "out": None}
+
+    def run():
+        if state["graph"] is None and state["calls"] < 3:
+            state["calls"] += 1
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out = step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            return out
+        if state["graph"] is None:
+            state["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state["graph"]):
+                state["out"] = step()
+        state["graph"].replay()
+        return state["out"]
+    return run
 
 
 def cosine(step: int, steps: int) -> float:
@@ -934,18 +1014,16 @@ def accuracy(solver: Solver, tasks: list[Task], chunk: int = 2000) -> list[float
     return accs
 
 
-# ----------------------------------------------------------------------------------------------------
-# Experiments: a run (experiment, variant, seed) learns its tasks one after another; its state is a Run.
+# ------------------------------------------------------------------------------------------------------------
+# learn: a run (experiment, variant, seed) learns its tasks one after another; all it has learnt is a Run.
 
-LINKS = 5              # chain: scholars in the chain
 SAMPLES_PER_ROW = 10
-STEP_KINDS = ("solver", "replay solver", "generator", "replay generator")   # steps that cost differently
 
 
 @dataclass
 class Run:
-    """All a run has learnt and made so far, and where it is: task (or chain link) `stage`, `step` steps
-    into it (solver steps, then generator steps). A checkpoint holds its state_dict."""
+    """All a run has learnt and made so far, and where it is: task (or chain link) `stage`, `step` steps into
+    it (its position: solver steps, then generator steps). A checkpoint holds its state_dict."""
     scholar: Scholar
     opts: dict                                   # the scholar's optimizers by network
     old: Scholar | None = None                   # the previous scholar, during a task with replay
@@ -957,9 +1035,10 @@ class Run:
     step: int = 0
 
     def state_dict(self) -> dict:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         return {**{k: getattr(self, k) for k in ("ewc", "curves", "acc_after", "samples", "stage", "step")},
-                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "scholar": self.scholar.state_dict(), "opts": {k: o.state_dict() for k, o in self.opts.items()},
+                "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}, "scholar": self.scholar.state_dict(),
+                "opts": {k: o.state_dict() for k, o in self.opts.items()},
                 "old": None if self.old is None else self.old.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -979,37 +1058,43 @@ class Run:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def replay_share(args: Args, i: int) -> float:
-    """Real-data share on task i (0-based): --r, or 1/(i+1) so that every task seen weighs the same."""
-    return 1.0 if i == 0 else (args.r if args.r is not None else 1.0 / (i + 1))
+def replay_share(r: float | None, i: int) -> float:
+    """Real-data share on task i (0-based): r if given, else 1/(i+1), so that every task seen weighs the same.
+    """
+    return 1.0 if i == 0 else (r if r is not None else 1.0 / (i + 1))
 
 
-def learn(exp: str, v: Variant, tasks: list[Task], args: Args, b: Budget, *, on_step=None, state: dict | None = None) -> Run:
-    """Learn `tasks` one after another with variant `v` (chain: the same task, a new scholar per link,
-    link k > 1 from link k-1's samples and labels only); test accuracy on the tasks after each one.
-    `state`: a Run's state_dict to continue from. on_step(run, task, phase, step, info) follows each
-    step (info: the losses, and "acc" where the solver was evaluated) and each task's end (phase "end")."""
-    chain, plans = exp == "chain", run_plan(exp, v, b)
-    new_scholar = lambda: Scholar(tasks[0].x_train.shape[1:], b, 1 + (exp == "lwf"), v.generative).to(tasks[0].x_train.device)
+def learn(e: Experiment, v: Variant, tasks: list[Task], b: Budget, *, r: float | None = None,
+          soft_targets: bool = False, temperature: float = 2.0, graphs: bool = False, on_step=None,
+          state: dict | None = None) -> Run:
+    """Learn `tasks` one after another with variant `v` (chain: the same task, a new scholar per link, link k
+    > 1 from link k-1's samples and labels only); test accuracy on the tasks after each one. r: the real share
+    (default 1/i); soft_targets: the old solver's probabilities as targets; temperature: gr+distill's; graphs:
+    steps as CUDA graphs. `state`: a Run's state_dict to continue from. on_step(run, task, phase, step, info)
+    follows each step (info: the losses, and "acc" where the solver was evaluated) and each task's end (phase
+    "end")."""
+    x = tasks[0].x_train
+    new_scholar = lambda: Scholar(x.shape[1:], b, e.heads, v.generative).to(x.device)
     s = new_scholar()
-    run = Run(s, s.optimizers(b))
+    run = Run(s, s.optimizers(b, graphs))
     if state is not None:   # resume (random streams included)
         run.load_state_dict(state)
     for i in range(run.stage, len(tasks)):
         task, run.stage = tasks[i], i
         if run.step == 0:   # the task begins: the scholar so far becomes the old one
-            run.old = run.scholar.frozen_copy() if i > 0 and v.replays(exp) else None
-            if chain and i > 0 and b.chain_init == "fresh":   # the link learns from scratch
+            run.old = run.scholar.frozen_copy() if i > 0 and v.replays(e.lwf) else None
+            if e.chain and i > 0 and b.chain_init == "fresh":   # the link learns from scratch
                 run.scholar = new_scholar()
-                run.opts = run.scholar.optimizers(b)
-        pool = [t.x_train for t in (tasks[i - 1:i] if chain else tasks[:i])]
-        replay = make_replay(v, exp, args, run.old, pool, tasks[i - 1].head if i else 0, run.ewc)
-        r = (0.0 if chain else replay_share(args, i)) if replay.source != "none" else 1.0
-        seen = tasks[:1] if chain else tasks[:i + 1]
+                run.opts = run.scholar.optimizers(b, graphs)
+        pool = [t.x_train for t in (tasks[i - 1:i] if e.chain else tasks[:i])]
+        replay = make_replay(v, e.lwf, run.old, pool, tasks[i - 1].head if i else 0, run.ewc, soft_targets,
+                             temperature)
+        share = (0.0 if e.chain else replay_share(r, i)) if replay.source != "none" else 1.0
+        seen = tasks[:1] if e.chain else tasks[:i + 1]
 
         def after_step(phase, step, losses, i=i, task=task, seen=seen):
             if phase != "warm-up":
-                run.step = step + (b.solver_iters if phase == "generator" else 0)
+                run.step = position_of(phase, step, b)
             if phase == "solver" and (step % b.eval_every == 0 or step == b.solver_iters):   # Fig. 2's curves
                 losses = {**losses, "acc": accuracy(run.scholar.solver, seen)}
                 run.curves.append({"task": task.name, "step": i * b.solver_iters + step, "acc": losses["acc"],
@@ -1018,126 +1103,49 @@ def learn(exp: str, v: Variant, tasks: list[Task], args: Args, b: Budget, *, on_
                 run.samples.setdefault(f"task{i + 1}", []).append((step, run.scholar.sample(SAMPLES_PER_ROW)))
             if on_step:
                 on_step(run, task, phase, step, losses)
-        if plans[i]:
-            train_task(run.scholar, run.opts, task, replay, r, b, train_generator=trains_generator(plans[i]),
-                       start=run.step, callback=after_step)
-        run.acc_after.append(accuracy(run.scholar.solver, tasks[:1] if chain else tasks))
+        trains_solver, trains_generator = task_trains(e, v, i, b)
+        if trains_solver:
+            train_task(run.scholar, run.opts, task, replay, share, b, train_generator=trains_generator,
+                       start=run.step, graphs=graphs, callback=after_step)
+        run.acc_after.append(accuracy(run.scholar.solver, tasks[:1] if e.chain else tasks))
         if v.ewc and i < len(tasks) - 1:
             run.ewc = ewc_update(run.ewc, run.scholar.solver, task, b)
-        if exp in ("chain", "split") and trains_generator(plans[i]):   # Table 1 / Fig. 7 sample rows
-            run.samples.setdefault("links" if chain else "tasks", []).append((i + 1, run.scholar.sample(SAMPLES_PER_ROW)))
+        if e.sample_rows and trains_generator:   # Table 1's and Fig. 7's sample rows
+            run.samples.setdefault(e.sample_rows, []).append((i + 1, run.scholar.sample(SAMPLES_PER_ROW)))
         run.old, run.stage, run.step = None, i + 1, 0
         if on_step:
             on_step(run, task, "end", 0, {})
     return run
 
 
-def run_tasks(exp: str, data: dict, b: Budget, seed: int) -> list[Task]:
-    if exp == "chain":
-        return [make_task("mnist", data["mnist"], b, seed)] * LINKS
-    if exp == "permuted":
-        return permuted_tasks(data["mnist"], b, seed)
-    if exp == "split":
-        return split_tasks(data["mnist"], b, seed)
-    first, second = ("svhn", "mnist") if exp == "lwf" else exp.split("-")
-    return [make_task(first, data[first], b, seed), make_task(second, data[second], b, seed, head=int(exp == "lwf"))]
-
-
-def run_one(exp: str, variant: str, seed: int, args: Args, data: dict, b: Budget, *, on_step=None,
-            state: dict | None = None) -> dict:
-    """One run (experiment, variant, seed) from scratch, or from a Run's `state`; a JSON-able result,
-    with the sample rows (tensors) under "samples"."""
+def run_one(e: Experiment, variant: str, seed: int, data: dict, b: Budget, **learning) -> dict:
+    """One run (experiment, variant, seed), from scratch or from learning["state"]: a JSON-able result, with
+    the sample rows (tensors) under "samples". `learning`: learn's keyword arguments."""
     torch.manual_seed(seed)
-    tasks = run_tasks(exp, data, b, seed)
-    run = learn(exp, VARIANTS[variant], tasks, args, b, on_step=on_step, state=state)
+    tasks = e.make_tasks(data, b, seed)
+    run = learn(e, VARIANTS[variant], tasks, b, **learning)
     names, per_stage = [t.name for t in tasks], run.acc_after
-    if exp == "chain":   # one accuracy per link, on MNIST
-        names, per_stage = [f"solver{k + 1}" for k in range(LINKS)], [[a[0] for a in run.acc_after]]
+    if e.chain:   # one accuracy per link, on MNIST
+        names, per_stage = [f"solver{k + 1}" for k in range(len(tasks))], [[a[0] for a in run.acc_after]]
     final = per_stage[-1]
     return {"tasks": names, "curves": run.curves, "acc_after_task": per_stage,
             "final": {"acc": final, "avg": sum(final) / len(final)}, "samples": run.samples}
 
 
-def task_plan(b: Budget, replays: bool, train_generator: bool) -> dict[str, int]:
-    """Steps of one task by kind (STEP_KINDS); the LwF head warm-up (with replay) counts as solver steps."""
-    plan = {"replay solver" if replays else "solver": b.solver_iters}
-    if replays and b.warmup_iters:
-        plan["solver"] = b.warmup_iters
-    if train_generator:
-        plan["replay generator" if replays else "generator"] = b.gen_iters
-    return plan
-
-
-def run_plan(exp: str, v: Variant, b: Budget) -> list[dict[str, int]]:
-    """Steps by kind of each task of a run, without running it. The last task's generator serves no later
-    task: it is trained where its samples are shown. Without replay, chain links after the first learn nothing."""
-    n = {"chain": LINKS, "permuted": b.n_tasks, "split": len(SPLIT_CLASSES)}.get(exp, 2)
-    replays = v.replays(exp)
-    last_generator = exp in ("split", "mnist-svhn", "svhn-mnist")
-    return [{} if exp == "chain" and i > 0 and not replays else
-            task_plan(b, i > 0 and replays, v.generative and (i < n - 1 or last_generator)) for i in range(n)]
-
-
-def steps_done(plans: list[dict[str, int]], stage: int, step: int, b: Budget) -> dict[str, int]:
-    """Steps by kind that a run resumed at task `stage`, `step` steps into it, has already done (its
-    position counts solver steps, then generator steps; an LwF head warm-up is over once step > 0)."""
-    done = collections.Counter(add_plans(plans[:stage]))
-    plan = plans[stage] if step and stage < len(plans) else {}
-    for kind, n in plan.items():
-        generator = "generator" in kind
-        done[kind] += (n if kind == "solver" and "replay solver" in plan else   # the warm-up
-                       max(0, step - b.solver_iters) if generator else min(step, n))
-    return dict(done)
-
-
-def trains_generator(plan: dict[str, int]) -> bool:
-    return bool(plan.get("generator") or plan.get("replay generator"))
-
-
-def load_data(exp: str, args: Args, device) -> dict:
-    """The base datasets an experiment needs, loaded once for all its runs."""
-    if exp in MNIST28_EXPERIMENTS:
-        return {"mnist": load_mnist(args.data_dir, device)}
-    return {"mnist": load_mnist(args.data_dir, device, rgb32=True), "svhn": load_svhn(args.data_dir, device)}
-
-
-# ====================================================================================================
-# Plumbing from here on: the fused ops' loading, progress and ETA, checkpoints, results, figures, CLI.
-# ----------------------------------------------------------------------------------------------------
-# The fused ops (csrc/): built by setup.py, or JIT-built on first use; on failure, one warning and the
-# PyTorch references serve (stylegan2-ada's custom ops do the same).
+# ============================================================================================================
+# Plumbing: the fused ops' loading, progress and expected time, checkpoints, running, figures and summaries,
+# the command line. The method above uses none of it (the op loader reaches it through OPS["load"]).
+# ------------------------------------------------------------------------------------------------------------
+# The fused ops (csrc/): built by setup.py, or JIT-built on first use; on failure one warning, and the PyTorch
+# references serve (stylegan2-ada's custom ops do the same).
 
 EXTENSION_NAME = "dgr_ops"
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-IMPLS = ("auto", "ext", "torch")
-_ops = {"impl": "auto", "loaded": None, "kernels": {}}   # loaded: None (not tried yet), True, False
-
-
-def set_impl(impl: str) -> None:
-    """Choose the loss implementation for this process: auto, ext (the fused op, or an error) or torch."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}: choose from {', '.join(IMPLS)}")
-    _ops["impl"] = impl
-
-
-def use_extension(x: torch.Tensor, impl: str | None = None) -> bool:
-    """Whether the fused op serves this call: impl allows it, the op is loaded and has a kernel for x's device."""
-    impl = impl or _ops["impl"]
-    if impl == "torch":
-        return False
-    if _ops["loaded"] is None:
-        load_extension(required=impl == "ext")
-    key = "CUDA" if x.is_cuda else "CPU"
-    if _ops["loaded"] and _ops["kernels"][key]:
-        return True
-    if impl == "ext":
-        raise RuntimeError(f"the dgr ops have no {key} kernel here (rebuild: python setup.py build_ext --inplace)")
-    return False
 
 
 def load_extension(required: bool = False) -> bool:
-    """Load the ops: the built module dgr_ops if importable, else a JIT build of csrc/ (cached by torch);
-    on failure warn once and return False (the PyTorch references serve), or raise if required."""
+    """Load the ops: the built module dgr_ops if importable, else a JIT build of csrc/ (cached by torch); on
+    failure warn once and return False (the PyTorch references serve), or raise if required."""
     import importlib
     import warnings
     try:
@@ -1148,28 +1156,33 @@ def load_extension(required: bool = False) -> bool:
             quiet_cpp_extension()
             from torch.utils import cpp_extension
             with_cuda = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
-            built = os.path.join(cpp_extension._get_build_directory(EXTENSION_NAME, False), EXTENSION_NAME + ".so")
-            if not os.path.exists(built):
-                print(f"dgr: building the fused ops once ({'CPU and CUDA' if with_cuda else 'CPU'} kernels, about "
-                      f"{'1-3 min' if with_cuda else '40 s'}; cached for later runs; `python setup.py build_ext "
-                      "--inplace` builds them ahead)", file=sys.stderr, flush=True)
+            cache = cpp_extension._get_build_directory(EXTENSION_NAME, False)
+            if not os.path.exists(os.path.join(cache, EXTENSION_NAME + ".so")):
+                kernels, minutes = ("CPU and CUDA", "1-3 min") if with_cuda else ("CPU", "40 s")
+                print(f"dgr: building the fused ops once ({kernels} kernels, about {minutes}; cached for "
+                      "later runs; `python setup.py build_ext --inplace` builds them ahead)", file=sys.stderr,
+                      flush=True)
             cpp_extension.load(EXTENSION_NAME, extension_sources(with_cuda), extra_cflags=["-O3"],
                                extra_cuda_cflags=["-O3"], is_python_module=False)
         register_op_python_parts()
-        _ops["kernels"] = {key: torch._C._dispatch_has_kernel_for_dispatch_key("dgr::gradient_penalty", key)
-                           for key in ("CPU", "CUDA")}
-        _ops["loaded"] = True
+        OPS["kernels"] = {key: torch._C._dispatch_has_kernel_for_dispatch_key("dgr::gradient_penalty", key)
+                          for key in ("CPU", "CUDA")}
+        OPS["loaded"] = True
     except Exception as e:  # compiler missing, build error, ABI mismatch
         lines = str(e).strip().splitlines() or [""]
-        first_error = next((ln for ln in lines if " error:" in ln), None) or next((ln for ln in lines if "rror" in ln), lines[-1])
-        reason = f"{type(e).__name__}: {first_error.strip()[:300]}"
-        _ops["loaded"] = False
+        first = next((ln for ln in lines if " error:" in ln), None) or next(
+            (ln for ln in lines if "rror" in ln), lines[-1])
+        reason = f"{type(e).__name__}: {first.strip()[:300]}"
+        OPS["loaded"] = False
         if required:
             raise RuntimeError(f"the dgr extension could not be loaded or built ({reason})") from None
         warnings.warn(f"dgr: fused ops unavailable ({reason}); using the PyTorch reference implementations "
                       "(dgr.set_impl('torch') or --impl torch chooses them without this warning)",
-                      RuntimeWarning, stacklevel=3)
-    return _ops["loaded"]
+                      RuntimeWarning, stacklevel=4)
+    return OPS["loaded"]
+
+
+OPS["load"] = load_extension
 
 
 def prefer_cuda_toolkit() -> None:
@@ -1179,25 +1192,26 @@ def prefer_cuda_toolkit() -> None:
 
 
 def quiet_cpp_extension() -> None:
-    """torch.utils.cpp_extension logs 'No CUDA runtime is found' on every import where a toolkit is
-    installed without a GPU, which is the normal case on a CPU machine with CUDA tools: not a warning here."""
+    """torch.utils.cpp_extension logs 'No CUDA runtime is found' on every import where a toolkit is installed
+    without a GPU, which is the normal case on a CPU machine with CUDA tools: not a warning here."""
     import logging
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def extension_sources(with_cuda: bool) -> list[str]:
-    return [os.path.join(CSRC, "dgr_ops.cpp")] + ([os.path.join(CSRC, "cuda", "dgr_ops.cu")] if with_cuda else [])
+    cuda = [os.path.join(CSRC, "cuda", "dgr_ops.cu")] if with_cuda else []
+    return [os.path.join(CSRC, "dgr_ops.cpp")] + cuda
 
 
 def register_op_python_parts() -> None:
     """Autograd formulas and fake (meta) kernels of the ops, so they train and trace under torch.compile."""
-    if getattr(register_op_python_parts, "done", False):
+    if OPS.get("registered"):
         return
     lib = torch.library
     lib.register_fake("dgr::gradient_penalty")(lambda grad, lam: grad.new_empty(()))
-    lib.register_fake("dgr::gradient_penalty_backward")(lambda grad_out, grad, lam: grad.new_empty(grad.shape))
-    lib.register_fake("dgr::replay_loss_fwd")(lambda logits_real, labels, logits_replay, targets_replay, r: (
-        logits_real.new_empty(()), logits_real.new_empty(logits_real.shape), logits_replay.new_empty(logits_replay.shape)))
+    lib.register_fake("dgr::gradient_penalty_backward")(lambda grad_out, grad, lam: torch.empty_like(grad))
+    lib.register_fake("dgr::replay_loss_fwd")(lambda real, labels, replay, targets, r: (
+        real.new_empty(()), torch.empty_like(real), torch.empty_like(replay)))
 
     def gp_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
@@ -1215,75 +1229,120 @@ def register_op_python_parts() -> None:
         return grad_loss * d_real, None, grad_loss * d_replay, None, None
     lib.register_autograd("dgr::gradient_penalty", gp_backward, setup_context=gp_setup)
     lib.register_autograd("dgr::replay_loss_fwd", rl_backward, setup_context=rl_setup)
-    register_op_python_parts.done = True
+    OPS["registered"] = True
 
 
-# ----------------------------------------------------------------------------------------------------
-# Whole training steps as CUDA graphs (--graphs): one launch per step instead of hundreds of kernels.
+# ------------------------------------------------------------------------------------------------------------
+# Progress and expected time: the steps of a run by kind (from task_trains, as learn trains them), their cost
+# timed on this machine, progress lines with an ETA.
 
-GRAPHS = {"on": False}   # --graphs: whole training steps as CUDA graphs (CUDA only)
-
-
-def adam(module: nn.Module, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
-    """Adam over a module's parameters. On CUDA the fused kernel (instead of the multi-tensor path's chain
-    of foreach kernels) with its lr a float32 tensor on the device (the dtype that kernel reads, whatever
-    the weights' dtype), so that a replayed graph reads the lr of the moment (the cosine schedule) and
-    eager steps do the same arithmetic; capturable with graphs on."""
-    p = next(module.parameters())
-    if not p.is_cuda:
-        return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
-    return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, dtype=torch.float32, device=p.device),
-                            betas=betas, capturable=GRAPHS["on"], fused=True)
+STEP_KINDS = ("solver", "replay solver", "generator", "replay generator")   # steps that cost differently
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    for group in opt.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+def run_plan(e: Experiment, v: Variant, b: Budget) -> list[dict[str, int]]:
+    """Steps by kind of each task of a run, without running it; LwF's head warm-up counts as solver steps."""
+    plans = []
+    for i in range(e.n_tasks(b)):
+        solver, generator = task_trains(e, v, i, b)
+        replay = "replay " if i > 0 and v.replays(e.lwf) else ""
+        plan = {replay + "solver": b.solver_iters} if solver else {}
+        if solver and replay and b.warmup_iters:
+            plan["solver"] = b.warmup_iters
+        if generator:
+            plan[replay + "generator"] = b.gen_iters
+        plans.append(plan)
+    return plans
 
 
-def graphed(step, device):
-    """`step()` run as a CUDA graph when GRAPHS is on and the device is CUDA: three eager warm-up calls
-    on a side stream, then captured once and replayed at every later call, its tensor outputs overwritten
-    by each replay (random numbers drawn inside the graph advance as in eager steps). Else `step` itself.
-    A graph holds no host synchronisation: losses stay on the device until a callback reads them."""
-    if not (GRAPHS["on"] and device.type == "cuda"):
-        return step
-    state = {"calls": 0, "graph": None, "out": None}
-
-    def run():
-        if state["graph"] is None and state["calls"] < 3:
-            state["calls"] += 1
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                out = step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            return out
-        if state["graph"] is None:
-            state["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(state["graph"]):
-                state["out"] = step()
-        state["graph"].replay()
-        return state["out"]
-    return run
+def add_plans(plans) -> dict[str, int]:
+    return dict(sum((collections.Counter(plan) for plan in plans), collections.Counter()))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Progress lines with ETA, and the step costs the ETA starts from.
+def steps_done(plans: list[dict[str, int]], stage: int, step: int, b: Budget) -> dict[str, int]:
+    """Steps by kind that a run resumed at task `stage`, position `step` in it, has done (an LwF head warm-up
+    is over once the position is past 0)."""
+    done = collections.Counter(add_plans(plans[:stage]))
+    plan = plans[stage] if step and stage < len(plans) else {}
+    solver, generator = steps_in(step, b)
+    for kind, n in plan.items():
+        warm_up = kind == "solver" and "replay solver" in plan
+        done[kind] += n if warm_up else generator if "generator" in kind else solver
+    return dict(done)
+
+
+def run_seconds(e: Experiment, variant: str, b: Budget, costs: dict[str, float], at=(0, 0)) -> float:
+    """Expected seconds of one run from the step costs; from task at[0], position at[1] in it, if resumed."""
+    plans = run_plan(e, VARIANTS[variant], b)
+    left = collections.Counter(add_plans(plans))
+    left.subtract(steps_done(plans, *at, b))
+    return sum(n * costs[kind] for kind, n in left.items() if n > 0)
+
+
+def step_costs(e: Experiment, b: Budget, device, generative: bool, graphs: bool = False, reps: int = 2):
+    """Seconds per step of each kind (STEP_KINDS), timed on random inputs after warm-up, each step run as
+    train_task runs it (with graphs on CUDA a replayed graph, far cheaper than the eager step); the random
+    streams of the caller are left as they were."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        s = Scholar(e.shape, b, e.heads, with_generator=generative).to(device)
+        opts = s.optimizers(b, graphs)
+        x, y = torch.rand(256, *e.shape, device=device) * 2 - 1, torch.randint(10, (256,), device=device)
+        task = Task("calibration", x, y, x, y)
+        replay = Replay("generator" if generative else "noise", s.frozen_copy())
+        steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch),
+                 "replay solver": lambda: solver_step(s, opts["solver"], task, replay, 0.5, b.batch)}
+
+        def generator_iteration(rep):
+            for _ in range(b.n_critic):
+                critic_step(s, opts["critic"], generator_inputs(task, rep, 0.5, b.gen_batch), b.lam)
+            generator_step(s, opts["generator"], b.gen_batch)
+            if s.generator_ema is not None:
+                s.average_generator(b.gen_ema, 2)
+        if generative:
+            steps.update({"generator": lambda: generator_iteration(Replay()),
+                          "replay generator": lambda: generator_iteration(replay)})
+        graphed_on = device if graphs and device.type == "cuda" else None
+        costs, warm_ups = {}, 4 if graphed_on else 1   # graphed: 3 eager calls, then the capture and a replay
+        for kind, step in steps.items():
+            step = graphed(step, graphed_on)
+            for _ in range(warm_ups):
+                step()
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            sync(device)
+            costs[kind] = (time.perf_counter() - t0) / reps
+    return costs
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def makespan(seconds: list[float], jobs: int) -> float:
+    """Wall time of runs taking `seconds` when each, longest first, goes to the first of `jobs` processes
+    free."""
+    free_at = [0.0] * jobs
+    for s in sorted(seconds, reverse=True):
+        free_at[free_at.index(min(free_at))] += s
+    return max(free_at)
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class Progress:
-    """Progress lines with rate and ETA. The ETA adds up, for each kind of step (STEP_KINDS; a generator
-    step counts with its critic steps), the steps left times the seconds per step measured so far; a
-    kind not yet seen uses its calibrated cost (`step_costs`), scaled by how far the kinds already
-    measured strayed from theirs. So a GR run, whose generator steps cost far more than its solver steps,
-    gets a right ETA from its first generator progress line."""
+    """Progress lines with rate and ETA. The ETA adds up, for each kind of step (STEP_KINDS; a generator step
+    counts with its critic steps), the steps left times the seconds per step measured so far; a kind not yet
+    seen uses its timed cost (step_costs), scaled by how far the kinds already measured strayed from theirs.
+    So a GR run, whose generator steps cost far more than its solver steps, gets a right ETA from its first
+    generator progress line."""
 
-    def __init__(self, label: str, plan: dict[str, int], cost: dict[str, float] | None = None, clock=time.monotonic):
-        self.label, self.clock, self.plan, self.cost = label, clock, collections.Counter(plan), dict(cost or {})
+    def __init__(self, label: str, plan: dict[str, int], cost: dict | None = None, clock=time.monotonic):
+        self.label, self.clock, self.plan, self.cost = label, clock, collections.Counter(plan), cost or {}
         self.done, self.seconds = collections.Counter(), collections.defaultdict(float)
         self.last = self.mark = clock()
         self.mark_done = 0
@@ -1300,9 +1359,10 @@ class Progress:
 
     def eta(self) -> float:
         seen = [k for k in self.done if self.done[k]]
-        calibrated = sum(self.done[k] * self.cost.get(k, 0.0) for k in seen)
-        scale = sum(self.seconds[k] for k in seen) / calibrated if calibrated > 0 else 1.0
-        per_step = {k: self.seconds[k] / self.done[k] if self.done[k] else self.cost.get(k, 0.0) * scale for k in self.plan}
+        timed = sum(self.done[k] * self.cost.get(k, 0.0) for k in seen)
+        scale = sum(self.seconds[k] for k in seen) / timed if timed > 0 else 1.0
+        per_step = {k: self.seconds[k] / self.done[k] if self.done[k] else self.cost.get(k, 0.0) * scale
+                    for k in self.plan}
         return sum(max(0, total - self.done[k]) * per_step[k] for k, total in self.plan.items())
 
     def line(self, text: str) -> None:
@@ -1312,80 +1372,7 @@ class Progress:
         print(f"{self.label} | {text} | {rate:.1f} it/s | ETA {fmt_seconds(self.eta())}", flush=True)
 
 
-def fmt_seconds(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def add_plans(plans) -> dict[str, int]:
-    return dict(sum((collections.Counter(plan) for plan in plans), collections.Counter()))
-
-
-def step_costs(shape, b: Budget, device, generative: bool, n_heads: int = 1, reps: int = 2) -> dict[str, float]:
-    """Seconds per step of each kind (STEP_KINDS), timed on random inputs of `shape` after warm-up, each
-    step run as train_task runs it (with --graphs on CUDA a replayed graph: eager costs overestimated a
-    graphed run by a wide margin); the random streams of the caller are left as they were."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        s = Scholar(shape, b, n_heads, with_generator=generative).to(device)
-        opts = s.optimizers(b)
-        x = torch.rand(256, *shape, device=device) * 2 - 1
-        y = torch.randint(10, (256,), device=device)
-        task = Task("calibration", x, y, x, y)
-        replay = Replay("generator" if generative else "noise", s.frozen_copy())
-        steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch),
-                 "replay solver": lambda: solver_step(s, opts["solver"], task, replay, 0.5, b.batch)}
-
-        def generator_iteration(rep):
-            for _ in range(b.n_critic):
-                critic_step(s, opts["critic"], generator_inputs(task, rep, 0.5, b.gen_batch), b.lam)
-            generator_step(s, opts["generator"], b.gen_batch)
-            if s.generator_ema is not None:
-                s.average_generator(b.gen_ema, 2)
-        if generative:
-            steps.update({"generator": lambda: generator_iteration(Replay()), "replay generator": lambda: generator_iteration(replay)})
-        costs, sync = {}, (torch.cuda.synchronize if device.type == "cuda" else lambda device: None)
-        warm_ups = 4 if GRAPHS["on"] and device.type == "cuda" else 1   # graphed: 3 eager, then capture + replay
-        for kind, step in steps.items():
-            step = graphed(step, device)
-            for _ in range(warm_ups):
-                step()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                step()
-            sync(device)
-            costs[kind] = (time.perf_counter() - t0) / reps
-    return costs
-
-
-def expected_time(exp: str, b: Budget, variants: list[str], device, at: list | None = None) -> tuple[float, dict[str, float]]:
-    """Expected seconds of runs of `variants` (one entry per run; `at`: where each resumes, (stage, step))
-    and the step costs it rests on."""
-    if not variants:
-        return 0.0, {}
-    shape = (1, 28, 28) if exp in MNIST28_EXPERIMENTS else (3, 32, 32)
-    generative = any(VARIANTS[v].generative for v in variants)
-    costs = step_costs(shape, b, device, generative, n_heads=2 if exp == "lwf" else 1)
-    return sum(run_seconds(exp, v, b, costs, a) for v, a in zip(variants, at or [(0, 0)] * len(variants))), costs
-
-
-def run_seconds(exp: str, variant: str, b: Budget, costs: dict[str, float], at: tuple[int, int] = (0, 0)) -> float:
-    """Expected seconds of one run from the step costs; from task at[0], at[1] steps into it, if resumed."""
-    plans = run_plan(exp, VARIANTS[variant], b)
-    left = collections.Counter(add_plans(plans))
-    left.subtract(steps_done(plans, *at, b))
-    return sum(n * costs[kind] for kind, n in left.items() if n > 0)
-
-
-def makespan(seconds: list[float], jobs: int) -> float:
-    """Wall time of runs taking `seconds` when each, longest first, goes to the first of `jobs` processes free."""
-    free_at = [0.0] * jobs
-    for s in sorted(seconds, reverse=True):
-        free_at[free_at.index(min(free_at))] += s
-    return max(free_at)
-
-
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Checkpoints: one dict, {fingerprint, elapsed, run: Run.state_dict()}, saved in one place (Checkpoint.save)
 # and loaded with weights_only=True (tensors, numbers, strings and containers of them: nothing runs), then
 # checked against the run before it is trusted. Every file is written by `replacing` (temp file + rename).
@@ -1421,8 +1408,8 @@ class StopRequest:
     def __call__(self, signum, frame):
         if self.in_run and not self.signum:
             self.signum = signum
-            print("dgr.py: stopping after this step, with a checkpoint (again to stop at once)", file=sys.stderr,
-                  flush=True)
+            print("dgr.py: stopping after this step, with a checkpoint (again to stop at once)",
+                  file=sys.stderr, flush=True)
         else:
             raise Interrupted(signum)
 
@@ -1453,7 +1440,8 @@ def first_non_finite(obj, name: str = "") -> str | None:
     if isinstance(obj, torch.Tensor):
         return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    return next((bad for key, value in items if (bad := first_non_finite(value, f"{name}.{key}" if name else str(key)))), None)
+    named = ((f"{name}.{key}" if name else str(key), value) for key, value in items)
+    return next((bad for key, value in named if (bad := first_non_finite(value, key))), None)
 
 
 def position(stage: int, step: int, b: Budget, n_tasks: int = 0) -> str:
@@ -1503,23 +1491,23 @@ class Checkpoint:
         return state
 
 
-def state_problem(state, exp: str, variant: str, b: Budget) -> str | None:
-    """Why a checkpoint's run state does not fit the run (exp, variant, b): its position out of range, or its
+def state_problem(state, e: Experiment, variant: str, b: Budget) -> str | None:
+    """Why a checkpoint's run state does not fit the run (e, variant, b): its position out of range, or its
     layout (keys, shapes) not that of the run's networks and optimizers, else None."""
-    n_tasks = len(run_plan(exp, VARIANTS[variant], b))
+    n_tasks = e.n_tasks(b)
     if not isinstance(state, dict):
         return "its state is not a dict"
     stage, step = state.get("stage"), state.get("step")
     if not (type(stage) is int and type(step) is int and 0 <= stage <= n_tasks
             and 0 <= step <= b.solver_iters + b.gen_iters and not (stage == n_tasks and step)):
         return f"its position, task {stage!r} step {step!r}, lies outside this run's {n_tasks} tasks"
-    shape = (1, 28, 28) if exp in MNIST28_EXPERIMENTS else (3, 32, 32)
     with torch.random.fork_rng():
-        s = Scholar(shape, b, 1 + (exp == "lwf"), VARIANTS[variant].generative)
+        s = Scholar(e.shape, b, e.heads, VARIANTS[variant].generative)
         try:
             Run(s, s.optimizers(b)).load_state_dict(state)
-        except Exception as e:
-            return f"its contents do not fit this run: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        except Exception as err:
+            reason = (str(err).splitlines() or [""])[0][:160]
+            return f"its contents do not fit this run: {type(err).__name__}: {reason}"
     return None
 
 
@@ -1529,18 +1517,19 @@ def other_run(saved: dict, fingerprint: dict) -> str:
         return "is not a result of dgr.py"
     if set(saved) != set(fingerprint):
         missing, extra = sorted(set(fingerprint) - set(saved)), sorted(set(saved) - set(fingerprint))
-        return ("was written by another version of dgr.py (its settings " + "; ".join(
-            part for part in (missing and "lack " + ", ".join(missing), extra and "have " + ", ".join(extra)) if part) + ")")
-    differ = ", ".join(f"{k} {saved[k]!r} != {fingerprint[k]!r}" for k in sorted(saved) if saved[k] != fingerprint[k])
+        parts = (missing and "lack " + ", ".join(missing), extra and "have " + ", ".join(extra))
+        return f"was written by another version of dgr.py (its settings {'; '.join(p for p in parts if p)})"
+    differ = ", ".join(f"{k} {saved[k]!r} != {fingerprint[k]!r}" for k in sorted(saved)
+                       if saved[k] != fingerprint[k])
     return f"belongs to another run (differs in: {differ or 'nothing'})"
 
 
 def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget, runs_on: dict) -> dict:
     """What makes two runs the same run, everything that changes its numbers: a checkpoint or result resumes
     only under the same fingerprint. runs_on: the device type, the loss implementation and CUDA graphs."""
-    return json.loads(json.dumps({"exp": exp, "variant": variant, "seed": seed, "preset": args.preset, "r": args.r,
-                                  "replay_targets": args.replay_targets, "temperature": args.temperature,
-                                  **runs_on, **dataclasses.asdict(b)}))   # as JSON has it
+    settings = {"exp": exp, "variant": variant, "seed": seed, "preset": args.preset, "r": args.r,
+                "replay_targets": args.replay_targets, "temperature": args.temperature}
+    return json.loads(json.dumps({**settings, **runs_on, **dataclasses.asdict(b)}))   # as JSON has it
 
 
 def temp_name(path: str) -> str:
@@ -1669,7 +1658,7 @@ class PlannedRun:
 
     @property
     def label(self) -> str:
-        return f"{self.exp} {VARIANTS[self.variant].label(self.exp)} seed {self.seed}"
+        return f"{self.exp} {VARIANTS[self.variant].label(EXPERIMENTS[self.exp].lwf)} seed {self.seed}"
 
 
 @dataclass
@@ -1680,7 +1669,7 @@ class ExperimentPlan:
     runs: list[PlannedRun]
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Running an experiment's runs: progress, checkpoints and the stop request around run_one; a JSON per run.
 
 
@@ -1699,61 +1688,72 @@ def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Che
         if phase == "warm-up" and step == b.warmup_iters:
             progress.line(f"task {task.name} head warm-up {step} steps loss {float(info['warm-up']):.3f}")
         if "acc" in info:
-            progress.line(f"task {task.name} solver {step}/{b.solver_iters} loss {float(info['solver']):.3f} | acc "
-                          + " ".join(f"{a:.1f}" for a in info["acc"]) + f" | avg {sum(info['acc']) / len(info['acc']):.2f}")
+            accs, avg = " ".join(f"{a:.1f}" for a in info["acc"]), sum(info["acc"]) / len(info["acc"])
+            loss = float(info["solver"])
+            progress.line(f"task {task.name} solver {step}/{b.solver_iters} loss {loss:.3f} | acc {accs} | "
+                          f"avg {avg:.2f}")
         if phase == "generator" and (step % log_every == 0 or step == b.gen_iters):
-            progress.line(f"task {task.name} generator {step}/{b.gen_iters} critic {float(info['critic']):.3f} "
-                          f"generator {float(info['generator']):.3f}")
+            progress.line(f"task {task.name} generator {step}/{b.gen_iters} critic "
+                          f"{float(info['critic']):.3f} generator {float(info['generator']):.3f}")
         if phase != "warm-up" and (stop.signum or checkpoint.every and step % checkpoint.every == 0):
             checkpoint.save(run, b)
         if phase != "warm-up" and stop.signum:
-            raise Interrupted(stop.signum, f"saved at {position(run.stage, run.step, b)} to {checkpoint.path}")
+            where = position(run.stage, run.step, b)
+            raise Interrupted(stop.signum, f"saved at {where} to {checkpoint.path}")
     return on_step
 
 
-def run_experiment(exp: str, args: Args, device, plan: ExperimentPlan, costs: dict, stop: StopRequest,
-                   summarize: bool = True) -> str:
+def run_experiment(e: Experiment, args: Args, device, plan: ExperimentPlan, costs: dict, stop: StopRequest,
+                   graphs: bool = False, summarize: bool = True) -> str:
     """All planned runs of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
     b = plan.b
-    data = load_data(exp, args, device) if plan.runs else {}
+    data = load_data(e, args.data_dir, device) if plan.runs else {}
+    learning = dict(r=args.r, soft_targets=args.replay_targets == "soft", temperature=args.temperature,
+                    graphs=graphs)
     for run in plan.runs:
-        checkpoint, label = run.checkpoint, run.label
+        checkpoint, label, steps = run.checkpoint, run.label, run_plan(e, VARIANTS[run.variant], b)
         checkpoint.started = time.time()
         try:
             state = checkpoint.load()
             if state is not None:
-                where = position(state["stage"], state["step"], b, len(run_plan(exp, VARIANTS[run.variant], b)))
+                where = position(state["stage"], state["step"], b, len(steps))
                 print(f"resuming from {checkpoint.path} at {where}", flush=True)
-            on_step = watch(label, run_plan(exp, VARIANTS[run.variant], b), costs, b, checkpoint, stop)
+            on_step = watch(label, steps, costs, b, checkpoint, stop)
             with stop.during_run():
-                result = run_one(exp, run.variant, run.seed, args, data, b, on_step=on_step, state=state)
+                result = run_one(e, run.variant, run.seed, data, b, on_step=on_step, state=state, **learning)
             samples = result.pop("samples")
-            result.update(exp=exp, variant=run.variant, name=VARIANTS[run.variant].label(exp), seed=run.seed,
-                          wall_time_s=round(checkpoint.elapsed(), 2), machine=machine_name(device),
+            result.update(exp=e.name, variant=run.variant, name=VARIANTS[run.variant].label(e.lwf),
+                          seed=run.seed, wall_time_s=round(checkpoint.elapsed(), 2),
+                          machine=machine_name(device),
                           provenance=provenance(device), fingerprint=checkpoint.fingerprint,
                           config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
             write_json(run.stem + ".json", result)
             for key, rows in samples.items():
                 save_sample_rows(*sample_figure(label, key, rows), f"{run.stem}_samples_{key}.png")
-        except Interrupted as e:
-            last = e.saved or (f"the last checkpoint is {checkpoint.path}" if os.path.exists(checkpoint.path)
-                               else "no checkpoint was saved")
-            raise Interrupted(e.signum, f"{label} {last}") from None
-        except (RunStopped, NonFiniteLoss, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not (args.detect_anomaly and "nan" in str(e).lower()):
+        except Interrupted as err:
+            raise Interrupted(err.signum, f"{label} {err.saved or last_checkpoint(checkpoint)}") from None
+        except (RunStopped, NonFiniteLoss, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not (args.detect_anomaly and "nan" in str(err).lower()):
                 raise
-            text = str(e) if not isinstance(e, RuntimeError) else f"anomaly detection: {str(e).splitlines()[0]}"
-            last = f"the last checkpoint is {checkpoint.path}" if os.path.exists(checkpoint.path) else "no checkpoint was saved"
-            hint = ("free space or choose another --out, then --resume" if isinstance(e, WriteFailed) else
-                    "--resume retries from it with the same settings; other settings need --overwrite or another "
-                    "--out" + ("" if args.detect_anomaly else "; --detect-anomaly finds the operation"))
-            raise RunStopped(f"{label}: {text}; {last} ({hint})") from None
+            anomaly = isinstance(err, RuntimeError)
+            text = f"anomaly detection: {str(err).splitlines()[0]}" if anomaly else str(err)
+            find = "" if args.detect_anomaly else "; --detect-anomaly finds the operation"
+            hint = ("free space or choose another --out, then --resume" if isinstance(err, WriteFailed) else
+                    "--resume retries from it with the same settings; other settings need --overwrite or "
+                    "another --out" + find)
+            raise RunStopped(f"{label}: {text}; {last_checkpoint(checkpoint)} ({hint})") from None
         if os.path.exists(checkpoint.path):
             os.remove(checkpoint.path)
         if run.lock:
             run.lock.release()
-        print(f"{label}: final avg {result['final']['avg']:.2f} % in {fmt_seconds(result['wall_time_s'])} -> {run.stem}.json", flush=True)
+        print(f"{label}: final avg {result['final']['avg']:.2f} % in {fmt_seconds(result['wall_time_s'])} -> "
+              f"{run.stem}.json", flush=True)
     return summarize_folder(plan.folder) if summarize else ""
+
+
+def last_checkpoint(checkpoint: Checkpoint) -> str:
+    exists = os.path.exists(checkpoint.path)
+    return f"the last checkpoint is {checkpoint.path}" if exists else "no checkpoint was saved"
 
 
 def provenance(device) -> dict:
@@ -1773,9 +1773,9 @@ def git_commit() -> str | None:
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "dgr.py", "csrc"],
-                               capture_output=True, text=True, timeout=10)
+        git = lambda *cmd: subprocess.run(["git", "-C", here, *cmd], capture_output=True, text=True,
+                                          timeout=10)
+        head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--", "dgr.py", "csrc")
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode:
@@ -1799,13 +1799,8 @@ def machine_name(device) -> str:
     return f"{platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}"
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Figures and tables, made from the results JSON in an experiment folder, a set per configuration.
-
-
-TITLES = {"chain": "Chain of scholars (Table 1)", "permuted": "Permuted MNIST (Fig. 2)",
-          "mnist-svhn": "MNIST then SVHN (Fig. 3)", "svhn-mnist": "SVHN then MNIST (Fig. 3)",
-          "lwf": "SVHN then MNIST, a head per task (Fig. 5)", "split": "Split MNIST, class-incremental (Fig. 6)"}
 
 
 def pyplot():
@@ -1830,10 +1825,12 @@ def save_sample_rows(rows: list[tuple[str, torch.Tensor]], title: str, path: str
     if images.dim() != 4:   # vectors: nothing to draw
         return
     pad, h = 2, images.shape[2]
-    grid = make_grid(images, nrow=SAMPLES_PER_ROW, padding=pad, normalize=True, value_range=(-1, 1), pad_value=1.0)
+    grid = make_grid(images, nrow=SAMPLES_PER_ROW, padding=pad, normalize=True, value_range=(-1, 1),
+                     pad_value=1.0)
     fig, ax = plt.subplots(figsize=(0.55 * SAMPLES_PER_ROW + 1.2, 0.55 * len(rows) + 0.7))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], [label for label, _ in rows], fontsize=8)
+    ax.set_yticks([pad + r * (h + pad) + h / 2 for r in range(len(rows))], [name for name, _ in rows],
+                  fontsize=8)
     ax.set_xticks([])
     ax.tick_params(length=0)
     for side in ax.spines.values():
@@ -1889,7 +1886,8 @@ def plot_experiment(results: list[dict], path: str, setting: str = "") -> str:
     by_variant = group_results(results)
     variants = [v for v in VARIANTS if v in by_variant]
     first = by_variant[variants[0]][0]
-    exp, budget, chain = first["exp"], first["config"]["budget"], first["exp"] == "chain"
+    e, budget = EXPERIMENTS[first["exp"]], first["config"]["budget"]
+    chain = e.chain
     iters = budget["solver_iters"]
     top = [f"v{i}" for i in range(len(variants))] if len(variants) > 1 else ["v0", "v0"]
     bottom = ["avg"] * (len(top) - 1) + ["final"]
@@ -1899,9 +1897,11 @@ def plot_experiment(results: list[dict], path: str, setting: str = "") -> str:
         ax, runs = axes[f"v{i}"], by_variant[v]
         for j, name in enumerate(runs[0]["tasks"]):
             pick = (lambda c: (c["step"] - 1) // iters == j) if chain else (lambda c: len(c["acc"]) > j)
-            points = [[(c["step"], c["acc"][0 if chain else j]) for c in r["curves"] if pick(c)] for r in runs]
+            points = [[(c["step"], c["acc"][0 if chain else j]) for c in r["curves"] if pick(c)]
+                      for r in runs]
             if points[0]:
-                mean_band(ax, [s for s, _ in points[0]], [[a for _, a in p] for p in points], label=name, lw=1.2)
+                steps = [s for s, _ in points[0]]
+                mean_band(ax, steps, [[a for _, a in p] for p in points], label=name, lw=1.2)
         for k in range(1, len(runs[0]["tasks"])):
             ax.axvline(k * iters, color="0.7", ls=":", lw=0.8)
         ax.set(title=f"{runs[0]['name']}" + (f" ({len(runs)} seeds)" if len(runs) > 1 else ""),
@@ -1916,18 +1916,21 @@ def plot_experiment(results: list[dict], path: str, setting: str = "") -> str:
             curves[v] = list(range(1, len(runs[0]["final"]["acc"]) + 1)), [r["final"]["acc"] for r in runs]
             finals[v] = [r["final"]["acc"][-1] for r in runs]
         else:
-            curves[v] = [c["step"] for c in runs[0]["curves"]], [[c["avg"] for c in r["curves"]] for r in runs]
+            curves[v] = ([c["step"] for c in runs[0]["curves"]],
+                         [[c["avg"] for c in r["curves"]] for r in runs])
             finals[v] = [r["final"]["avg"] for r in runs]
     # the axis shows the variants within 25 points of the best final accuracy; the others are named below it
     best = max(statistics.mean(f) for f in finals.values())
     shown = [v for v in variants if statistics.mean(finals[v]) > best - 25]
     for v in variants:
-        name = by_variant[v][0]["name"] + ("" if v in shown else f" (final {statistics.mean(finals[v]):.1f}, below)")
+        below = "" if v in shown else f" (final {statistics.mean(finals[v]):.1f}, below)"
+        name = by_variant[v][0]["name"] + below
         mean = mean_band(ax, *curves[v], label=name, lw=1.2, **({"marker": "o"} if chain else {}))
         if v in shown:
             lows.append(min(mean))
     if chain:
-        ax.set(xlabel="solver (link of the chain)", title="Accuracy of each solver on MNIST", xticks=curves[v][0])
+        ax.set(xlabel="solver (link of the chain)", title="Accuracy of each solver on MNIST",
+               xticks=curves[v][0])
     else:
         for k in range(1, len(first["tasks"])):
             ax.axvline(k * iters, color="0.7", ls=":", lw=0.8)
@@ -1946,7 +1949,7 @@ def plot_experiment(results: list[dict], path: str, setting: str = "") -> str:
     ax.set_title("Final accuracy" + (" (mean ± sd)" if any(len(f) > 1 for f in finals.values()) else ""))
     seeds = sorted({r["seed"] for runs in by_variant.values() for r in runs})
     several = any(len(runs) > 1 for runs in by_variant.values())
-    fig.suptitle(f"{TITLES.get(exp, exp)}: {first['config']['args']['preset']} preset, {seeds_text(seeds)}"
+    fig.suptitle(f"{e.title}: {first['config']['args']['preset']} preset, {seeds_text(seeds)}"
                  + (" (mean ± sd over seeds)" if several else "") + (f"\n{setting}" if setting else ""))
     fig.tight_layout()
     return save_figure(fig, path)
@@ -1963,9 +1966,9 @@ def result_problem(res) -> str | None:
     missing = [k for k, kind in RESULT_FIELDS.items() if not isinstance(res.get(k), kind)]
     if missing:
         return "no " + ", ".join(missing)
-    if res["variant"] not in VARIANTS or not isinstance(res["final"].get("acc"), list):
-        return f"unknown variant {res['variant']!r}" if res["variant"] not in VARIANTS else "no final accuracies"
-    return None
+    if res["exp"] not in EXPERIMENTS or res["variant"] not in VARIANTS:
+        return f"unknown experiment or variant {res['exp']!r}, {res['variant']!r}"
+    return None if isinstance(res["final"].get("acc"), list) else "no final accuracies"
 
 
 def load_results(folder: str) -> list[dict]:
@@ -1998,8 +2001,9 @@ def config_of(res: dict) -> dict:
     fields its variant does not use (a GAN's for ER), so that the variants of one command group together."""
     v = VARIANTS[res["variant"]]
     unused = {"variant", "seed"} | (set() if v.generative else set(GAN_FIELDS))
-    unused |= (set() if v.distill else {"temperature"}) | (set() if v.ewc else {"ewc_lambda", "fisher_samples"})
-    unused |= set() if v.replays(res["exp"]) else {"r", "replay_targets"}
+    unused |= set() if v.distill else {"temperature"}
+    unused |= set() if v.ewc else {"ewc_lambda", "fisher_samples"}
+    unused |= set() if v.replays(EXPERIMENTS[res["exp"]].lwf) else {"r", "replay_targets"}
     return {k: value for k, value in (res.get("fingerprint") or {}).items() if k not in unused}
 
 
@@ -2044,11 +2048,13 @@ def summary_table(results: list[dict], setting: str = "") -> str:
     cols = first["tasks"]
     lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, {first['machine']})"
              + (f"; {setting}" if setting else ""), "",
-             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |", "|---" * (len(cols) + 4) + "|"]
+             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |",
+             "|---" * (len(cols) + 4) + "|"]
     for runs in by_variant.values():
         per_task = [mean_sd([r["final"]["acc"][j] for r in runs]) for j in range(len(cols))]
-        lines.append(f"| {runs[0]['name']} | {len(runs)} | " + " | ".join(per_task)
-                     + f" | {mean_sd([r['final']['avg'] for r in runs])} | {mean_sd([r['wall_time_s'] for r in runs])} |")
+        average = mean_sd([r["final"]["avg"] for r in runs])
+        seconds = mean_sd([r["wall_time_s"] for r in runs])
+        lines.append(f"| {runs[0]['name']} | {len(runs)} | {' | '.join(per_task)} | {average} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 
@@ -2065,8 +2071,66 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
 
 
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Command line: every refusal is one line and exit 2, before anything heavy starts; a stopped run, exit 3.
+
+
+def arg(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Args:
+    exp: str = arg("permuted", f"experiment(s), comma-separated, or all: {', '.join(EXPERIMENTS)}")
+    variants: str = arg("gr,er,noise,none", "comma-separated, among gr, gr+distill, er, ewc, noise, none")
+    preset: str = arg("auto", "budgets: paper, fast (CPU), quick (smoke); auto: paper with CUDA, else fast",
+                      ("auto", "paper", "fast", "quick"))
+    budget: str = arg("", "override the preset's budget: name=value,... of Budget's fields (dgr.py), e.g. "
+                      "solver_iters=500,gan=mlp; may be given more than once")
+    seeds: int = arg(1, "number of seeds; runs seeds K..K+N-1 (K: --seed-start)")
+    seed_start: int = arg(0, "first seed K; a job array can run one seed per job into one shared --out")
+    jobs: int = arg(1, "run up to N runs (experiment x variant x seed) at once, a process each; CPU threads "
+                    "split N ways")
+    r: float = arg(None, "real-data share r in [0,1] on tasks after the first (default 1/i on task i)")
+    replay_targets: str = arg("hard", "label replayed inputs with the old solver's argmax (hard) or its "
+                              "probabilities (soft)", ("hard", "soft"))
+    temperature: float = arg(2.0, "gr+distill: targets softmax(z/T) of the old solver, loss on z/T times T^2")
+    data_dir: str = arg("", "dataset root for torchvision MNIST/SVHN (default $DGR_DATA or ./data)")
+    out: str = arg("results", "output folder: <out>/<exp>/<variant>_seed<k>.json, figures, summary.md")
+    device: str = arg("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    impl: str = arg("auto", "losses: fused C++/CUDA op (ext), PyTorch (torch), auto: ext if it loads",
+                    ("auto", "ext", "torch"))
+    graphs: str = arg("auto", "whole steps as CUDA graphs: auto (on with CUDA, off on the CPU), on, off",
+                      ("auto", "on", "off"))
+    checkpoint_every: int = arg(1000, "checkpoint every k solver or generator steps too (0: task ends only)")
+    resume: bool = arg(False, "continue killed runs from their checkpoints in --out; skip finished ones")
+    overwrite: bool = arg(False, "replace results and checkpoints already in --out")
+    detect_anomaly: bool = arg(False, "torch.autograd anomaly detection (slow; for debugging NaNs)")
+    estimate: bool = arg(False, "print the runs to do and their expected time (steps timed here), then exit")
+
+
+def budget_overrides(text: str) -> dict:
+    """`name=value,...` -> {name: value} with each value of its Budget field's type; ValueError if bad."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in BUDGET_DEFAULTS or not value:
+            raise ValueError(f"{item!r} is not name=value with a name among {', '.join(BUDGET_DEFAULTS)}")
+        if name in out:
+            raise ValueError(f"{name} is given twice")
+        kind = type(BUDGET_DEFAULTS[name])
+        try:
+            out[name] = tuple(int(v) for v in value.split(":")) if kind is tuple else kind(value)
+        except ValueError:
+            raise ValueError(f"{name} takes {TYPE_NAMES[kind]}, got {value!r}") from None
+        if (why := budget_field_error(name, out[name])):
+            raise ValueError(why)
+    return out
+
+
+def budget_for(args: Args, exp: str) -> Budget:
+    """The preset's budget of `exp` with --budget's overrides (args.preset resolved, not auto)."""
+    return dataclasses.replace(PRESETS[args.preset][exp], **budget_overrides(args.budget))
 
 
 class UsageError(Exception):
@@ -2074,7 +2138,7 @@ class UsageError(Exception):
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows an option's default where it says something (not for flags, nor an unset --r or --data-dir)."""
+    """--help shows an option's default where it says something (not for flags, an unset --r, --data-dir)."""
     def _get_help_string(self, action):
         unset = action.default is None or action.default is False or action.default == ""
         return action.help if unset else super()._get_help_string(action)
@@ -2094,7 +2158,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
             parser.add_argument(flag, action="append", default=[], help=f.metadata["help"])
         else:
             kind = float if f.name == "r" else type(f.default)
-            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"], help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=f.default, choices=f.metadata["choices"],
+                                help=f.metadata["help"])
     given = vars(parser.parse_args(argv))
     args = Args(**{**given, "budget": ",".join(given["budget"])})
     args.data_dir = args.data_dir or os.environ.get("DGR_DATA", "./data")
@@ -2105,10 +2170,12 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def check_args(args: Args) -> None:
     bad = [e for e in experiment_list(args) if e not in EXPERIMENTS]
     if bad or not experiment_list(args):
-        raise UsageError(f"unknown experiment {', '.join(bad) or '(none given)'}: choose from {','.join(EXPERIMENTS)} or all")
+        raise UsageError(f"unknown experiment {', '.join(bad) or '(none given)'}: choose from "
+                         f"{','.join(EXPERIMENTS)} or all")
     bad = [v for v in variant_list(args) if v not in VARIANTS]
     if bad or not variant_list(args):
-        raise UsageError(f"unknown variant {', '.join(bad) or '(none given)'}: choose from {','.join(VARIANTS)}")
+        raise UsageError(f"unknown variant {', '.join(bad) or '(none given)'}: choose from "
+                         f"{','.join(VARIANTS)}")
     if args.r is not None and not 0.0 <= args.r <= 1.0:
         raise UsageError(f"--r must lie in [0, 1], got {args.r}")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
@@ -2124,9 +2191,8 @@ def check_args(args: Args) -> None:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     if not args.out.strip():
         raise UsageError("--out is empty: name a folder for the results")
-    for name in ("tasks", "solver_iters", "gen_iters", "eval_every", "checkpoint_every"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     try:
         budget_overrides(args.budget)
     except ValueError as e:
@@ -2162,15 +2228,16 @@ def plan_experiment(exp: str, args: Args, b: Budget, folder: str, runs_on: dict)
     """The runs to do; checks what --out already holds first, so that a refusal (exit 2) comes before
     anything in it is touched. With --estimate it reads --out as --resume would and changes nothing."""
     for variant in variant_list(args):
-        if exp not in VARIANTS[variant].experiments:
-            raise UsageError(f"variant {variant} applies to {', '.join(VARIANTS[variant].experiments)}, not {exp}")
+        if variant not in EXPERIMENTS[exp].variants:
+            where = ", ".join(name for name, e in EXPERIMENTS.items() if variant in e.variants)
+            raise UsageError(f"variant {variant} applies to {where}, not {exp}")
     runs, held = [], []
     resume = args.resume or (args.estimate and not args.overwrite)
     for variant in variant_list(args):
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             stem = os.path.join(folder, f"{variant}_seed{seed}")
             fingerprint = run_fingerprint(exp, variant, seed, args, b, runs_on)
-            fits = functools.partial(state_problem, exp=exp, variant=variant, b=b)
+            fits = functools.partial(state_problem, e=EXPERIMENTS[exp], variant=variant, b=b)
             checkpoint = Checkpoint(stem + ".ckpt", args.checkpoint_every, fingerprint, fits)
             if (holder := RunLock(stem + ".lock").holder()):
                 raise UsageError(busy(stem, holder))
@@ -2181,18 +2248,19 @@ def plan_experiment(exp: str, args: Args, b: Budget, folder: str, runs_on: dict)
                 try:
                     checkpoint.load()
                 except ValueError as e:
-                    raise UsageError(f"{e}; delete it, pass --overwrite to start afresh, or choose another --out") from None
+                    raise UsageError(f"{e}; delete it, pass --overwrite to start afresh, or choose another "
+                                     "--out") from None
             elif resume and done:
                 saved = saved_fingerprint(stem + ".json")
                 if saved != fingerprint:
-                    raise UsageError(f"{stem}.json {other_run(saved, fingerprint)}; pass --overwrite to replace it "
-                                     "or choose another --out")
+                    raise UsageError(f"{stem}.json {other_run(saved, fingerprint)}; pass --overwrite to "
+                                     "replace it or choose another --out")
                 print(f"{stem}.json: finished earlier, kept", flush=True)
                 continue
             runs.append(PlannedRun(exp, variant, seed, stem, checkpoint))
     if held and not (resume or args.overwrite):
-        raise UsageError(f"{folder} already holds results or checkpoints of these runs ({len(held)}): pass --resume to "
-                         "continue them, --overwrite to replace them, or choose another --out")
+        raise UsageError(f"{folder} already holds results or checkpoints of these runs ({len(held)}): pass "
+                         "--resume to continue them, --overwrite to replace them, or choose another --out")
     return ExperimentPlan(b, folder, runs)
 
 
@@ -2205,8 +2273,8 @@ def saved_fingerprint(path: str) -> dict:
             raise ValueError("no fingerprint")
         return res["fingerprint"]
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UsageError(f"{path} is not a readable result of dgr.py ({type(e).__name__}: {e}); pass --overwrite to "
-                         "replace it, or choose another --out") from None
+        raise UsageError(f"{path} is not a readable result of dgr.py ({type(e).__name__}: {e}); pass "
+                         "--overwrite to replace it, or choose another --out") from None
 
 
 def take_runs(plans: dict[str, ExperimentPlan], args: Args, hold: bool) -> None:
@@ -2247,30 +2315,32 @@ def check_writable(folder: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UsageError(f"cannot write results to {os.path.abspath(folder)} ({e.strerror or e}); choose another --out") from None
+        raise UsageError(f"cannot write results to {os.path.abspath(folder)} ({e.strerror or e}); choose "
+                         "another --out") from None
 
 
-def announce(exp: str, plan: ExperimentPlan, device) -> tuple[float, dict[str, float]]:
+def announce(exp: str, plan: ExperimentPlan, device, graphs: bool) -> tuple[float, dict[str, float]]:
     """Print the runs to do and their expected time (from step costs timed here); return both."""
-    runs, b = plan.runs, plan.b
-    seconds, costs = expected_time(exp, b, [run.variant for run in runs], device, [run.checkpoint.at for run in runs])
-    if runs:
-        per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())
-        resumed = sum(run.checkpoint.at != (0, 0) for run in runs)
-        print(f"{exp}: {len(runs)} run(s) to do{f' ({resumed} resumed)' if resumed else ''}, expected about "
-              f"{fmt_seconds(seconds)} on {machine_name(device)} (per step: {per_step}; a generator step includes "
-              f"its {b.n_critic} critic steps)", flush=True)
-    else:
+    e, runs, b = EXPERIMENTS[exp], plan.runs, plan.b
+    if not runs:
         print(f"{exp}: nothing to do", flush=True)
+        return 0.0, {}
+    costs = step_costs(e, b, device, any(VARIANTS[run.variant].generative for run in runs), graphs)
+    seconds = sum(run_seconds(e, run.variant, b, costs, run.checkpoint.at) for run in runs)
+    per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())
+    resumed = sum(run.checkpoint.at != (0, 0) for run in runs)
+    print(f"{exp}: {len(runs)} run(s) to do{f' ({resumed} resumed)' if resumed else ''}, expected about "
+          f"{fmt_seconds(seconds)} on {machine_name(device)} (per step: {per_step}; a generator step "
+          f"includes its {b.n_critic} critic steps)", flush=True)
     return seconds, costs
 
 
-RUN_COMMAND = [sys.executable, os.path.abspath(__file__)]   # how --jobs starts a run (tests/patched_dgr.py: itself)
+RUN_COMMAND = [sys.executable, os.path.abspath(__file__)]   # how --jobs starts a run (patched_dgr.py: itself)
 JOB_ENV = "DGR_JOB_COSTS"   # set by --jobs for the runs it starts: the step costs it timed, by experiment
 
 
-def run_processes(argv: list[str], args: Args, plans: dict[str, ExperimentPlan], runs: list[tuple[float, PlannedRun]],
-                  costs: dict) -> list[str]:
+def run_processes(argv: list[str], args: Args, plans: dict[str, ExperimentPlan],
+                  runs: list[tuple[float, PlannedRun]], costs: dict) -> list[str]:
     """--jobs N: each run to do, (expected seconds, run), in its own process (this script with --exp E
     --variants V --seed-start k --seeds 1), at most N at once, the longest expected first, all into --out
     (on a CPU each with its share of the threads). The runs reuse the step costs timed here (JOB_ENV) and
@@ -2281,8 +2351,9 @@ def run_processes(argv: list[str], args: Args, plans: dict[str, ExperimentPlan],
     import subprocess
     runs = sorted(runs, key=lambda pair: pair[0], reverse=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), JOB_ENV: json.dumps(costs)}
-    pending = [(run.exp, run.label, [*RUN_COMMAND, *argv, "--jobs", "1", "--preset", args.preset, "--exp", run.exp,
-                "--variants", run.variant, "--seed-start", str(run.seed), "--seeds", "1"]) for _, run in runs]
+    one = lambda run: ["--jobs", "1", "--preset", args.preset, "--exp", run.exp, "--variants", run.variant,
+                       "--seed-start", str(run.seed), "--seeds", "1"]
+    pending = [(run.exp, run.label, [*RUN_COMMAND, *argv, *one(run)]) for _, run in runs]
     running, failed, refused, signum = [], [], {}, 0
     while pending or running:
         try:
@@ -2315,7 +2386,7 @@ def data_problem(exp: str, args: Args, download: bool = True) -> str | None:
     """Why the datasets of `exp` cannot be had, else None: not in --data-dir and not downloadable (with
     download=False nothing is fetched), or MNIST's files damaged (SVHN's are checked as they load)."""
     needs = {"MNIST": [os.path.join(args.data_dir, "MNIST", "raw", f) for f in MNIST_FILES]}
-    if exp not in MNIST28_EXPERIMENTS:
+    if EXPERIMENTS[exp].svhn:
         needs["SVHN"] = [os.path.join(args.data_dir, "SVHN", f) for f in SVHN_FILES.values()]
     for name, paths in needs.items():
         if all(os.path.exists(p) for p in paths):
@@ -2333,15 +2404,16 @@ def data_problem(exp: str, args: Args, download: bool = True) -> str | None:
     return None
 
 
-def configure(args: Args) -> tuple[torch.device, dict]:
-    """Apply the options that set up the process (device, preset auto, --impl, --graphs, anomaly
-    detection): the device to run on, and what the runs run on (the fingerprint's device, impl, graphs).
-    Raises UsageError for a bad combination."""
+def configure(args: Args) -> tuple[Args, torch.device, bool, dict]:
+    """Apply the options that set up the process (--impl, anomaly detection): args with the preset resolved,
+    the device to run on, whether steps run as CUDA graphs, and what the runs run on (the fingerprint's
+    device, impl, graphs). Raises UsageError for a bad combination."""
     device = resolve_device(args.device)
     if args.preset == "auto":
-        args.preset = "paper" if device.type == "cuda" else "fast"
+        args = dataclasses.replace(args, preset="paper" if device.type == "cuda" else "fast")
         print(f"preset {args.preset}: " + ("CUDA is available" if device.type == "cuda" else
-              "no CUDA; the paper preset's GR takes hours per run on a CPU (--preset paper to insist)"), flush=True)
+              "no CUDA; the paper preset's GR takes hours per run on a CPU (--preset paper to insist)"),
+              flush=True)
     set_impl(args.impl)
     if args.impl == "ext":
         try:
@@ -2350,15 +2422,15 @@ def configure(args: Args) -> tuple[torch.device, dict]:
             raise UsageError(f"--impl ext: {e}") from None
     if args.graphs == "on" and device.type != "cuda":
         raise UsageError(f"--graphs on: CUDA graphs need a CUDA device, not {device}")
-    GRAPHS["on"] = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
+    graphs = args.graphs == "on" or (args.graphs == "auto" and device.type == "cuda")
     torch.autograd.set_detect_anomaly(args.detect_anomaly)
-    return device, {"device": device.type, "impl": impl_in_use(device), "graphs": GRAPHS["on"]}
+    return args, device, graphs, {"device": device.type, "impl": impl_in_use(device), "graphs": graphs}
 
 
-USAGE = """dgr.py: Continual Learning with Deep Generative Replay (Shin et al., NeurIPS 2017), every experiment.
+USAGE = """dgr.py: Continual Learning with Deep Generative Replay (Shin et al., NeurIPS 2017).
 
   python dgr.py --exp split --preset quick     # a one-minute look: split MNIST, GR, ER, Noise, None
-  python dgr.py --exp split                    # split MNIST (Fig. 6): fast preset on a CPU, paper preset on a GPU
+  python dgr.py --exp split                    # split MNIST: fast preset on a CPU, paper preset on a GPU
   python dgr.py --exp all --estimate           # how long every experiment takes on this machine
   bash reproduce.sh                            # every experiment of the paper
   python dgr.py --help                         # every option
@@ -2387,11 +2459,11 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 def run_command(argv: list[str], stop: StopRequest) -> int:
-    """main's work: plan, refuse (exit 2) or announce, run (exit 3 if a run stops, 128 + signal if stopped)."""
+    """main's work: plan, refuse (exit 2) or announce, run (exit 3 if a run stops, 128 + signal if stopped).
+    """
     skipped, plans = [], {}
     try:
-        args = parse_args(argv)
-        device, runs_on = configure(args)
+        args, device, graphs, runs_on = configure(parse_args(argv))
         for exp in experiment_list(args):
             b = budget_for(args, exp)
             plans[exp] = plan_experiment(exp, args, b, os.path.join(args.out, exp), runs_on)
@@ -2424,28 +2496,30 @@ def run_command(argv: list[str], stop: StopRequest) -> int:
         if child:
             expected = {exp: (0.0, json.loads(child)[exp]) for exp in plans}
         else:
-            expected = {exp: announce(exp, plan, device) for exp, plan in plans.items()}
-        per_run = [(run_seconds(exp, run.variant, plan.b, expected[exp][1], run.checkpoint.at), run)
-                   for exp, plan in plans.items() for run in plan.runs]
+            expected = {exp: announce(exp, plan, device, graphs) for exp, plan in plans.items()}
+        per_run = [(run_seconds(EXPERIMENTS[exp], run.variant, plan.b, expected[exp][1], run.checkpoint.at),
+                    run) for exp, plan in plans.items() for run in plan.runs]
         if jobs > 1:
             at_once = fmt_seconds(makespan([seconds for seconds, _ in per_run], jobs))
             if device.type == "cpu":
                 n = torch.get_num_threads()
-                print(f"expected in all with --jobs {jobs} (runs at once, {n} thread{'s' if n > 1 else ''} each): "
-                      f"about {at_once}", flush=True)
+                print(f"expected in all with --jobs {jobs} (runs at once, {n} thread{'s' if n > 1 else ''} "
+                      f"each): about {at_once}", flush=True)
             else:   # runs at once share one GPU: somewhere between these (reference/README.md)
-                print(f"expected in all with --jobs {jobs} (runs at once sharing one GPU): between about {at_once} "
-                      f"(if they did not slow each other down) and "
-                      f"{fmt_seconds(sum(seconds for seconds, _ in per_run))} (one after another)", flush=True)
+                one_by_one = fmt_seconds(sum(seconds for seconds, _ in per_run))
+                print(f"expected in all with --jobs {jobs} (runs at once sharing one GPU): between about "
+                      f"{at_once} (if they did not slow each other down) and {one_by_one} (one after "
+                      "another)", flush=True)
         elif len(plans) > 1 and not child:
-            print(f"expected in all: about {fmt_seconds(sum(seconds for seconds, _ in expected.values()))}", flush=True)
+            print(f"expected in all: about {fmt_seconds(sum(s for s, _ in expected.values()))}", flush=True)
         if args.estimate:
             return 0
         if jobs > 1:
-            summaries = run_processes(argv, args, plans, per_run, {exp: costs for exp, (_, costs) in expected.items()})
+            costs = {exp: costs for exp, (_, costs) in expected.items()}
+            summaries = run_processes(argv, args, plans, per_run, costs)
         else:
-            summaries = [run_experiment(exp, args, device, plan, expected[exp][1], stop, summarize=not child)
-                         for exp, plan in plans.items()]
+            summaries = [run_experiment(EXPERIMENTS[exp], args, device, plan, expected[exp][1], stop, graphs,
+                                        summarize=not child) for exp, plan in plans.items()]
         summaries = [text for text in summaries if text]
         if len(summaries) > 1:
             write_text(os.path.join(args.out, "summary.md"), "\n".join(summaries))
@@ -2457,14 +2531,15 @@ def run_command(argv: list[str], stop: StopRequest) -> int:
         return 3
     except Interrupted as e:
         what = e.saved or "before any run had trained; nothing is lost"
-        then = "" if os.environ.get(JOB_ENV) else f"; continue with: {resume_command(argv)}"   # --jobs says it once
+        then = "" if os.environ.get(JOB_ENV) else f"; continue with: {resume_command(argv)}"   # said once
         print(f"dgr.py: interrupted: {what}{then}", file=sys.stderr)
         return 128 + e.signum
     except Exception as e:
         if not out_of_memory(e):
             raise
-        print(f"dgr.py: stopped: out of memory ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
-              "smaller budgets (--budget width=..., batch=..., gen_batch=...) or another device", file=sys.stderr)
+        reason = (str(e).splitlines() or [""])[0][:160]
+        print(f"dgr.py: stopped: out of memory ({type(e).__name__}: {reason}); smaller budgets (--budget "
+              "width=..., batch=..., gen_batch=...) or another device", file=sys.stderr)
         return 3
     finally:
         for plan in plans.values():

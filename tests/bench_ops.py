@@ -16,7 +16,6 @@ Prints a Markdown table row by row and writes <out>/bench/bench.json and bench.m
 """
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -63,19 +62,10 @@ def time_interleaved(fns: dict, rounds: int, per_round: int) -> dict:
     return times
 
 
-def with_graphs(on: bool, make):
-    """make() with dgr.GRAPHS set as --graphs on/off sets it (Adam is built capturable for graphs)."""
-    dgr.GRAPHS["on"] = on
-    try:
-        return make()
-    finally:
-        dgr.GRAPHS["on"] = False
-
-
 def captured(fn, device):
     """fn as dgr's whole-step CUDA graph (what --graphs on does: three eager warm-up calls on a side
-    stream, then captured once and replayed), whatever GRAPHS says elsewhere."""
-    return with_graphs(True, lambda: dgr.graphed(fn, device))
+    stream, then captured once and replayed)."""
+    return dgr.graphed(fn, device)
 
 
 def graph_replay_ms(fn, device, reps: int, per_graph: int = 10) -> float:
@@ -159,7 +149,7 @@ def kernel_profile(fn, reps: int = 10) -> dict:
 
 
 def critic_step_one_batch(s: dgr.Scholar, opt, x_real: torch.Tensor, lam: float) -> torch.Tensor:
-    """dgr.critic_step as it was until 2026-11-28: real, fake and interpolated inputs in one batch of 3n
+    """dgr.critic_step as it was before the split step: real, fake and interpolated inputs in one batch of 3n
     rows, so the penalty's input gradient and double backward ran over all 3n. The benchmark's control
     for the split step; tests/test_method.py checks that both give the same numbers."""
     n = len(x_real)
@@ -205,18 +195,18 @@ def bench_steps(device, batches, reps: int, report) -> None:
 def time_step(row: dict, run, s: dgr.Scholar, b: dgr.Budget, device, reps: int) -> dict:
     """Times run(optimizers of s) into row: eager with impl torch and ext; on CUDA also as one CUDA graph
     (--graphs on) with the GAN channels_last (dgr.py's), then NCHW, and the kernels of an eager step."""
-    opts = with_graphs(False, lambda: s.optimizers(b))
+    opts = s.optimizers(b)
     for impl in ("torch", "ext"):
         dgr.set_impl(impl)
         try:
             row["eager_ms" if impl == "torch" else "fused_ms"] = time_ms(lambda: run(opts), device, reps)
         finally:
             dgr.set_impl("auto")
-    if device.type == "cuda":   # the layouts: on the H100 (2026-11-28) 40 % of the critic step's GPU time was
-        try:                     # one cuDNN kernel reading NHWC into NCHW (cudnn.benchmark changed nothing)
+    if device.type == "cuda":   # the layouts: the GAN's channels_last against NCHW (a cuDNN kernel that
+        try:                     # converts between them can dominate a critic step; reference/README.md)
             for key, layout in (("graphed_ms", torch.channels_last), ("graphed_nchw_ms", torch.contiguous_format)):
                 gan_layout(s, layout)
-                graph_opts = with_graphs(True, lambda: s.optimizers(b))
+                graph_opts = s.optimizers(b, graphs=True)
                 graphed = captured(lambda: run(graph_opts), device)
                 graphed()   # eager warm-up 1 of 3; time_ms warms up twice more, captures
                 row[key] = time_ms(graphed, device, reps)
@@ -264,7 +254,7 @@ def bench_side_stream(device, batches, reps: int, report) -> None:
                 moved = []
                 for step in (dgr.critic_step, lambda *a: critic_step_side_stream(*a, side)):
                     twin = copy.deepcopy(s)
-                    opt = with_graphs(False, lambda: dgr.adam(twin.critic, 1e-4, (0.5, 0.9)))
+                    opt = dgr.adam(twin.critic, 1e-4, (0.5, 0.9))
                     torch.manual_seed(0)
                     for _ in range(3):
                         step(twin, opt, x, 10.0)
@@ -288,7 +278,7 @@ def bench_adam(critic, shape, device, reps: int, report) -> None:
            "eager_ms": time_ms(torch.optim.Adam(critic.parameters(), lr=1e-4).step, device, reps)}
     if device.type == "cuda":
         row["fused_ms"] = time_ms(torch.optim.Adam(critic.parameters(), lr=1e-4, fused=True).step, device, reps)
-        graphed = captured(with_graphs(True, lambda: dgr.adam(critic, 1e-4)).step, device)
+        graphed = captured(dgr.adam(critic, 1e-4, graphs=True).step, device)
         graphed()   # eager warm-up 1 of 3; time_ms warms up twice more and captures
         row["graphed_ms"] = time_ms(graphed, device, reps)
     report(row)

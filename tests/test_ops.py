@@ -165,8 +165,8 @@ def test_gradcheck_float64():
 
 
 def test_bad_inputs_get_clear_messages():
-    """Whole messages, numbers included: an extension linked to its own static libstdc++ (the lent H100's
-    /opt/gcc, 2026-11-28) cut them at the first integer here, and segfaulted there (setup.py)."""
+    """Whole messages, numbers included: an extension linked to its own static libstdc++ (as a
+    GCC in /opt/gcc did) cut them at the first integer on the CPU and segfaulted on a GPU (setup.py)."""
     with pytest.raises(RuntimeError, match="floating point"):
         torch.ops.dgr.gradient_penalty(torch.ones(3, 4, dtype=torch.long), 1.0)
     lr, y, lp, t = replay_inputs("cpu", 4, 4, False)
@@ -198,8 +198,8 @@ def test_out_of_range_labels_stop_with_a_message(device):
 
 
 def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
-    """A compiler that links libstdc++ into the module statically, whatever -lstdc++ asks (the lent H200's
-    did, 2026-11-28), gives the module a copy of libstdc++ whose streams never format numbers: there every
+    """A compiler that links libstdc++ into the module statically, whatever -lstdc++ asks (some
+    GPU machines' GCC does), gives the module a copy of libstdc++ whose streams never format numbers: there every
     check whose message streamed a number crashed the process (here, on the CPU, the message stopped at the
     number). The checks build their messages without streams (dgr::message): built by such a compiler, the
     CPU kernels still raise, with the numbers."""
@@ -317,13 +317,12 @@ def test_experiments_train_the_same_model_with_ext_and_torch(exp, svhn_data_dir,
     into an lr-sized step, and a CNN solver drifted by 3e-3 in 30 steps.)"""
     from torchvision.datasets import SVHN
     monkeypatch.setattr(SVHN, "_check_integrity", lambda self: True)
-    args = dgr.parse_args(["--exp", exp, "--preset", "quick", "--data-dir", svhn_data_dir])
     b = dgr.Budget(**{**dgr.QUICK_COMMON, "solver_iters": 30, "gen_iters": 4, "eval_every": 10, "n_tasks": 2,
                       "train_limit": 500, "test_limit": 300, "warmup_iters": 5 if exp == "lwf" else 0})
     data = {name: tuple(t.double() if t.is_floating_point() else t for t in tensors)
-            for name, tensors in dgr.load_data(exp, args, torch.device("cpu")).items()}
+            for name, tensors in dgr.load_data(dgr.EXPERIMENTS[exp], svhn_data_dir, torch.device("cpu")).items()}
     for variant in ("gr", "er"):
-        ext, ref = (run_with_impl(impl, dgr.run_one, exp, variant, 0, args, data, b) for impl in ("ext", "torch"))
+        ext, ref = (run_with_impl(impl, dgr.run_one, dgr.EXPERIMENTS[exp], variant, 0, data, b) for impl in ("ext", "torch"))
         assert len(ext["curves"]) == len(ref["curves"]) >= 6
         for ce, cr in zip(ext["curves"], ref["curves"]):
             assert ce["loss"] == pytest.approx(cr["loss"], rel=1e-9, abs=1e-12), (variant, ce, cr)
@@ -337,14 +336,14 @@ def test_broken_build_falls_back_with_one_warning(tmp_path, monkeypatch):
     (tmp_path / "dgr_ops.cpp").write_text("#error this build is broken on purpose\n")
     monkeypatch.setattr(dgr, "EXTENSION_NAME", "dgr_ops_broken_for_test")
     monkeypatch.setattr(dgr, "CSRC", str(tmp_path))
-    monkeypatch.setitem(dgr._ops, "loaded", None)
+    monkeypatch.setitem(dgr.OPS, "loaded", None)
     g = torch.randn(8, 1, 28, 28)
     with pytest.warns(RuntimeWarning, match="fused ops unavailable") as record:
         first = dgr.gradient_penalty(g, 10.0)
         second = dgr.gradient_penalty(g, 10.0)
     assert len(record) == 1
     assert first == second == dgr.gradient_penalty_ref(g, 10.0)
-    monkeypatch.setitem(dgr._ops, "loaded", None)
+    monkeypatch.setitem(dgr.OPS, "loaded", None)
     with pytest.raises(RuntimeError, match="could not be loaded or built"):
         dgr.gradient_penalty(g, 10.0, impl="ext")
 
@@ -361,21 +360,21 @@ def test_graphed_training_equals_eager_training(device, source, gan, monkeypatch
     deterministic, so that only rounding differs (fused Adam on CUDA either way), far below what 18 steps
     amplify (in float32, Adam turns the rounding of a near-zero gradient into an lr-sized step, and
     cuDNN's default algorithms are not deterministic). Both GANs: the DCGAN and the fully connected one
-    (paper permuted's). On the CPU graphs are off whatever GRAPHS says."""
+    (paper permuted's). On the CPU graphs=True runs eager steps."""
     b = dgr.Budget(solver_iters=12, gen_iters=6, n_critic=2, batch=32, gen_batch=16, gan=gan, width=8, hidden=32,
                    solver_schedule="cosine")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
     def train(graphs: bool) -> torch.Tensor:
-        monkeypatch.setitem(dgr.GRAPHS, "on", graphs)
         torch.manual_seed(0)
         x = torch.rand(256, 1, 28, 28, device=device) * 2 - 1
         y = torch.randint(10, (256,), device=device)
         task = dgr.Task("t", x, y, x[:8], y[:8])
         s = dgr.Scholar((1, 28, 28), b).to(device)
         replay = dgr.Replay(source, s.frozen_copy(), pool=[x[:100], x[100:]])
-        dgr.train_task(s, s.optimizers(b), task, replay, 0.5, b, train_generator=source == "generator")
+        dgr.train_task(s, s.optimizers(b, graphs), task, replay, 0.5, b, train_generator=source == "generator",
+                       graphs=graphs)
         return torch.cat([p.detach().flatten() for p in s.parameters()])
     eager, graphed = train(False), train(True)
     assert eager.dtype == torch.float64
@@ -392,9 +391,8 @@ def test_graphed_training_equals_eager_training(device, source, gan, monkeypatch
 def test_step_costs_run_the_steps_as_training_does(device, monkeypatch):
     """The ETA's first costs come from steps run as train_task runs them: with --graphs on, on CUDA,
     each step captured and its replays timed (eager costs made a graphed H100 run look 2.8x longer)."""
-    monkeypatch.setitem(dgr.GRAPHS, "on", True)
     b = dgr.Budget(n_critic=2, batch=16, gen_batch=8, width=8, hidden=16)
-    costs = dgr.step_costs((1, 28, 28), b, torch.device(device), generative=True)
+    costs = dgr.step_costs(dgr.EXPERIMENTS["split"], b, torch.device(device), generative=True, graphs=True)
     assert set(costs) == set(dgr.STEP_KINDS) and all(c > 0 for c in costs.values()), costs
 
 
@@ -417,21 +415,3 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(r["fused_ms"] > 0 and "compiled_ms" not in r for r in rows[-3:])
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert md.count("\n| ") == len(rows) + 1   # the header row and one line per row
-
-
-def test_seeds_grouped_into_one_gan_train_as_each_seed_alone(tmp_path):
-    """reference/bench/seeds_grouped.py (#11's lever for seeds in parallel, timed by .ci/gpu-check): K
-    seeds' DCGANs grouped into one network take the same critic and generator steps as each seed's
-    dgr.critic_step and dgr.generator_step (float64, the same random draws: --check exits 1 otherwise),
-    and its timing path runs and writes its JSON."""
-    import json
-    import subprocess
-    import sys
-    script = os.path.join(ROOT, "reference", "bench", "seeds_grouped.py")
-    proc = subprocess.run([sys.executable, script, "--check"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and "largest difference" in proc.stdout, proc.stdout + proc.stderr[-2000:]
-    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--seeds", "2", "--batch", "4", "--reps", "1",
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    row, = json.load(open(tmp_path / "seeds_grouped.json"))["rows"]
-    assert row["seeds"] == 2 and row["grouped critic ms"] > 0 and row["grouped / one seed, GAN iteration"] > 0

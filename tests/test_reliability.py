@@ -11,8 +11,15 @@ import dgr
 from conftest import DATA, ROOT, require_mnist, run_dgr
 
 # a short GR split run: 5 tasks, generator trained on each; checkpoints every 10 steps
-SHORT = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--solver-iters", "60", "--gen-iters", "30",
-         "--eval-every", "20", "--checkpoint-every", "10"]
+SHORT = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--budget", "solver_iters=60,gen_iters=30,eval_every=20",
+         "--checkpoint-every", "10"]
+
+
+def with_budget(argv: list[str], **fields) -> list[str]:
+    """argv with the fields of its --budget changed or added."""
+    i = argv.index("--budget") + 1
+    budget = {**dict(item.split("=") for item in argv[i].split(",")), **{k: str(v) for k, v in fields.items()}}
+    return [*argv[:i], ",".join(f"{k}={v}" for k, v in budget.items()), *argv[i + 1:]]
 
 
 def results_of(out, exp="split", variant="gr"):
@@ -47,8 +54,7 @@ def test_same_seed_same_results(uninterrupted, tmp_path):
 
 
 # chain replaces its scholar at every link: resume must save and restore the current link's scholar
-CHAIN = ["--exp", "chain", "--preset", "quick", "--variants", "gr", "--solver-iters", "60", "--gen-iters", "20",
-         "--eval-every", "20", "--checkpoint-every", "10"]
+CHAIN = ["--exp", "chain", "--preset", "quick", "--variants", "gr", "--budget", "solver_iters=60,gen_iters=20,eval_every=20", "--checkpoint-every", "10"]
 EWC = [*SHORT[:4], "--variants", "ewc", *SHORT[6:]]
 EMA = [*SHORT, "--budget", "gen_ema=0.9"]   # the generator's running average in the run state
 
@@ -112,7 +118,7 @@ def test_bad_checkpoint_is_refused_and_nothing_overwritten(tmp_path, damage, mes
         b = dgr.budget_for(dgr.parse_args(SHORT), "split")
         s = dgr.Scholar((1, 28, 28), b)
         dgr.Checkpoint(str(ckpt), 10, fingerprint).save(dgr.Run(s, s.optimizers(b)), b)
-        argv = [a if a != "60" else "80" for a in SHORT]       # --solver-iters 80: another run
+        argv = with_budget(SHORT, solver_iters=80)   # another run
     proc = run_dgr(*argv, "--out", str(tmp_path), "--resume")
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert kept.read_text() == "earlier results"
@@ -124,7 +130,7 @@ def test_existing_results_need_overwrite(uninterrupted, tmp_path):
     shutil.copytree(uninterrupted, out)
     refused = run_dgr(*SHORT, "--out", out)
     assert refused.returncode == 2 and "already holds results" in refused.stderr and "--overwrite" in refused.stderr
-    replaced = run_dgr(*SHORT, "--out", out, "--overwrite", "--solver-iters", "40")
+    replaced = run_dgr(*with_budget(SHORT, solver_iters=40), "--out", out, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert results_of(out)["fingerprint"]["solver_iters"] == 40
     both = run_dgr(*SHORT, "--out", out, "--overwrite", "--resume")
@@ -164,15 +170,15 @@ def test_non_finite_loss_stops_the_run_with_a_message(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize("phase,poisoned,variant,argv", [
-    ("solver", "replay_loss_ref", "er", ["--eval-every", "60"]),       # losses checked at step 60 only
-    ("generator", "gradient_penalty_ref", "gr", ["--eval-every", "60"]),   # 3 critic steps per generator step
+    ("solver", "replay_loss_ref", "er", with_budget(SHORT, eval_every=60)),      # losses checked at step 60 only
+    ("generator", "gradient_penalty_ref", "gr", with_budget(SHORT, eval_every=60)),   # 3 critic steps per generator step
 ])
 def test_no_checkpoint_holds_non_finite_weights(tmp_path, monkeypatch, capsys, phase, poisoned, variant, argv):
     """Weights turn NaN between two checkpoints and before any loss check: the save at step 20 refuses
     them and the checkpoint of step 10 stays, finite."""
     require_mnist()
     nan_after(monkeypatch, poisoned, 15 if phase == "solver" else 3 * 12)
-    code = dgr.main([*SHORT, "--variants", variant, "--impl", "torch", *argv, "--out", str(tmp_path), "--data-dir", DATA])
+    code = dgr.main([*argv, "--variants", variant, "--impl", "torch", "--out", str(tmp_path), "--data-dir", DATA])
     err = capsys.readouterr().err
     ckpt = tmp_path / "split" / f"{variant}_seed0.ckpt"
     assert code == 3, err
@@ -244,7 +250,7 @@ def test_interrupted_run_saves_its_step_and_resumes_to_the_same_results(tmp_path
     assert proc.returncode == 128 + signum, stderr
     last = stderr.strip().splitlines()[-1]
     ckpt = os.path.join(out, "split", "gr_seed0.ckpt")
-    assert last.startswith(f"dgr.py: interrupted: split GR seed 0 saved at task 2, solver step ")
+    assert last.startswith("dgr.py: interrupted: split GR seed 0 saved at task 2, solver step ")
     assert f" to {ckpt}; continue with: python dgr.py " in last and last.endswith(" --resume"), last
     assert "Traceback" not in stderr and not os.path.exists(os.path.join(out, "split", "gr_seed0.json"))
     command = last.split("continue with: ")[1].split()[2:]
@@ -255,8 +261,7 @@ def test_interrupted_run_saves_its_step_and_resumes_to_the_same_results(tmp_path
 
 # ---------------------------------------------------------------------------------------------- nothing lost, nothing mixed
 
-TINY = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--solver-iters", "20", "--gen-iters", "6",
-        "--eval-every", "10", "--checkpoint-every", "10"]
+TINY = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--budget", "solver_iters=20,gen_iters=6,eval_every=10", "--checkpoint-every", "10"]
 
 
 def test_two_processes_never_write_one_run(tmp_path):
@@ -386,8 +391,7 @@ def test_a_real_full_disk_stops_the_run_with_one_line(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs is not permitted here")
     try:
-        proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "gr", "--budget", "width=64",
-                       "--solver-iters", "20", "--gen-iters", "10", "--eval-every", "10", "--checkpoint-every", "5",
+        proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "gr", "--budget", "width=64,solver_iters=20,gen_iters=10,eval_every=10", "--checkpoint-every", "5",
                        "--out", str(mount))
         assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
         line = proc.stderr.strip().splitlines()[-1]
@@ -402,11 +406,11 @@ def test_stale_temp_files_are_cleared_at_the_next_start(tmp_path):
     folder = tmp_path / "split"
     folder.mkdir()
     host = socket.gethostname()
-    stale = [f"gr_seed0.ckpt.{host}-999999.tmp", f"gr_seed0.ckpt.otherhost-5.tmp", f"summary.md.{host}-999999.tmp"]
-    kept = f"summary.md.otherhost-5.tmp"   # another machine's, maybe alive
+    stale = [f"gr_seed0.ckpt.{host}-999999.tmp", "gr_seed0.ckpt.otherhost-5.tmp", f"summary.md.{host}-999999.tmp"]
+    kept = "summary.md.otherhost-5.tmp"   # another machine's, maybe alive
     for name in stale + [kept]:
         (folder / name).write_text("half a file")
-    proc = run_dgr(*TINY, "--solver-iters", "10", "--gen-iters", "2", "--out", str(tmp_path))
+    proc = run_dgr(*with_budget(TINY, solver_iters=10, gen_iters=2), "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert [f for f in os.listdir(folder) if f.endswith(".tmp")] == [kept]
 
@@ -417,7 +421,7 @@ def test_gr_trains_with_a_one_sample_replay(tmp_path, argv):
     """A replayed batch of one row (r = 0.95 of a GAN batch of 16; a solver batch of 1) trains: the old
     generator draws two samples where its batch norm needs them. A GAN batch of 1 is refused up front."""
     require_mnist()
-    proc = run_dgr(*TINY, "--solver-iters", "10", "--gen-iters", "3", *argv, "--out", str(tmp_path))
+    proc = run_dgr(*with_budget(TINY, solver_iters=10, gen_iters=3), *argv, "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     bad = run_dgr(*TINY, "--budget", "gen_batch=1", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--budget: gen_batch is >= 2, got 1" in bad.stderr
@@ -481,7 +485,7 @@ def test_a_damaged_svhn_file_is_named(tmp_path, svhn_data_dir):
     data = tmp_path / "data"
     shutil.copytree(svhn_data_dir, data, symlinks=True)
     (data / "SVHN" / "test_32x32.mat").write_bytes(os.urandom(4096))
-    proc = run_dgr("--exp", "lwf", "--preset", "quick", "--variants", "none", "--solver-iters", "10", "--out",
+    proc = run_dgr("--exp", "lwf", "--preset", "quick", "--variants", "none", "--budget", "solver_iters=10", "--out",
                    str(tmp_path / "out"), data_dir=str(data), patches=("svhn-md5",))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"SVHN's {data / 'SVHN' / 'test_32x32.mat'} cannot be read (" in proc.stderr
@@ -514,8 +518,7 @@ def test_a_budget_too_large_for_memory_is_one_line(tmp_path):
 
 
 def test_repeated_variants_and_budgets_make_one_plan(tmp_path):
-    proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "none,none", "--budget", "batch=32",
-                   "--budget", "test_limit=500", "--out", str(tmp_path), "--estimate")
+    proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "none,none", "--budget", "batch=32", "--budget", "test_limit=500", "--out", str(tmp_path), "--estimate")
     assert proc.returncode == 0 and "split: 1 run(s) to do" in proc.stdout, proc.stdout + proc.stderr
     args = dgr.parse_args(["--exp", "split", "--preset", "quick", "--budget", "batch=32", "--budget", "test_limit=500"])
     assert (dgr.budget_for(args, "split").batch, dgr.budget_for(args, "split").test_limit) == (32, 500)

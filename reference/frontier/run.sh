@@ -7,6 +7,8 @@
 # Then frontier.json (all points) is made from the points' results, and reference/frontier/plot.py draws one figure
 # per experiment from it (frontier.png: split; frontier_permuted.png; chain's points, one accuracy per link, are in
 # frontier.json and reference/README.md only); plot.py alone redraws them from the committed JSON.
+# The committed points' run folders are not in the tree (git has them, at 456730b): frontier.json keeps each point's
+# numbers, settings and note, and a point whose folder is absent keeps its entry there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 declare -A POINTS=(
@@ -67,23 +69,37 @@ for name in "${names[@]}"; do
     --out "reference/frontier/$name" --resume
 done
 python - <<'PY'
-import glob, json, os
+import glob, json, os, statistics
 import dgr
-points = []
+old = json.load(open("reference/frontier/frontier.json")) if os.path.exists("reference/frontier/frontier.json") else {}
+points = {}
 for path in sorted(glob.glob("reference/frontier/*/*/gr*_seed0.json")):
     res = json.load(open(path))
-    b = res["config"]["budget"]
-    points.append({"name": path.split("/")[2], "exp": res["exp"], "variant": res["variant"], "avg": res["final"]["avg"],
-                   "acc": res["final"]["acc"], "minutes": res["wall_time_s"] / 60, "machine": res["machine"], "budget": b})
+    name, args, folder = path.split("/")[2], res["config"]["args"], os.path.dirname(os.path.dirname(path))
+    p = {"name": name, "exp": res["exp"], "variant": res["variant"], "avg": res["final"]["avg"],
+         "acc": res["final"]["acc"], "minutes": res["wall_time_s"] / 60, "machine": res["machine"],
+         "budget": res["config"]["budget"], "seed": res["seed"], "preset": args["preset"],
+         "budget_override": args["budget"], "wall_time_s": res["wall_time_s"]}
+    if res["exp"] != "chain":   # each task's accuracy right after it was learnt, mean over tasks
+        m = res["acc_after_task"]
+        p["learnt"] = statistics.mean(m[i][i] for i in range(len(m)))
+    if res.get("note"):
+        p["note"] = res["note"]
+    p["files"] = sorted(os.path.relpath(f, folder) for f in glob.glob(folder + "/**/*", recursive=True) if os.path.isfile(f))
+    points[name, res["variant"]] = p
+# a point whose run folder is not here (the committed points: in git) keeps its entry of frontier.json
+for p in old.get("points", []):
+    points.setdefault((p["name"], p["variant"]), p)
+points = [points[k] for k in sorted(points, key=lambda k: f"{k[0]}/{points[k]['exp']}/{k[1]}_seed0.json")]
 # the paper preset's cost, projected from its step costs timed here once (it takes hours on a CPU);
 # delete frontier.json to time them again, on an idle machine
-old = json.load(open("reference/frontier/frontier.json")) if os.path.exists("reference/frontier/frontier.json") else {}
 paper = old.get("paper_preset_projected", {})
 for exp in ("split", "permuted"):
     if exp not in paper:
         seconds, costs = dgr.expected_time(exp, dgr.PAPER[exp], ["gr"], dgr.torch.device("cpu"))
         paper[exp] = {"minutes": seconds / 60, "step_costs_s": costs, "machine": dgr.machine_name(dgr.torch.device("cpu"))}
-dgr.write_json("reference/frontier/frontier.json", {"points": points, "paper_preset_projected": paper})
+about = {"about": old["about"]} if "about" in old else {}
+dgr.write_json("reference/frontier/frontier.json", {**about, "points": points, "paper_preset_projected": paper})
 print(json.dumps({p["name"]: round(p["avg"], 2) for p in points}, indent=1))
 PY
 # the figures, from frontier.json and the committed preset runs only
