@@ -79,6 +79,7 @@ class Budget:
     gen_ema: float = 0.0          # decay of the generator's weight average that is replayed (0: the weights)
     ewc_lambda: float = 100.0     # online EWC penalty weight
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
+    probe_iters: int = 1000       # steps of the fresh solver that measures each trained generator (0: none)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -95,7 +96,8 @@ TYPE_NAMES = {int: "an integer", float: "a number", str: "a word", tuple: "steps
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
                   "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous")}
 BUDGET_FRACTIONS = ("gen_ema", "dropout")   # in [0, 1); below: those that may be 0 (counts >= 1, rates > 0)
-BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda")
+BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda",
+                      "probe_iters")
 
 
 def budget_field_error(name: str, value) -> str | None:
@@ -154,7 +156,8 @@ FAST = {
 # quick: a smoke test that runs each experiment on a CPU in about a minute, not a reproduction; its tiny GAN
 # needs a high lr to learn anything in so few steps.
 QUICK_COMMON = dict(solver_iters=150, gen_iters=60, batch=64, gen_batch=16, eval_every=50, train_limit=3000,
-                    test_limit=1000, width=8, hidden=128, cnn_channels=8, n_tasks=3, n_critic=3, gen_lr=1e-3)
+                    test_limit=1000, width=8, hidden=128, cnn_channels=8, n_tasks=3, n_critic=3, gen_lr=1e-3,
+                    probe_iters=50)
 QUICK = {exp: Budget(**QUICK_COMMON) for exp in ("chain", "permuted")}
 QUICK.update({"split": Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters": 200}),
               "mnist-svhn": Budget(**QUICK_COMMON, sample_at=(10, 20, 40, 60)),
@@ -1014,10 +1017,46 @@ def accuracy(solver: Solver, tasks: list[Task], chunk: int = 2000) -> list[float
     return accs
 
 
+def probe_step(probe: Solver, opt, scholar: Scholar, batch: int, head: int = 0) -> torch.Tensor:
+    """One step of a fresh solver on `batch` samples of the scholar's generator, labelled by its solver (as
+    a later task replays them); returns the labels."""
+    x = scholar.sample(batch)
+    y = scholar.label(x, head)
+    loss = F.cross_entropy(probe(x, head), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return y
+
+
+def measure_generator(s: Scholar, seen: list[Task], b: Budget, head: int = 0) -> dict:
+    """The generator as a later task will replay it, measured on b.probe_iters batches of its samples:
+    class_share, the share (%) of each class among them as the scholar's solver labels them;
+    effective_classes, the exponential of that distribution's entropy (k for k equally frequent classes);
+    train_on_generated, the mean test accuracy (%) on the tasks seen (on `head`) of a fresh solver trained
+    only on those samples and labels. The solver accuracies measure what was learnt; this measures what a
+    replay can carry. The random streams are left as they were: measuring changes nothing the run learns."""
+    device = next(s.solver.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        scholar = s.frozen_copy()   # sampling moves batch-norm statistics: not those of the run
+        probe = Solver(s.shape, s.n_classes, len(s.solver.heads), b.hidden, b.cnn_channels, b.dropout)
+        probe.to(device)
+        opt = adam(probe, b.solver_lr)
+        counts = torch.zeros(s.n_classes, dtype=torch.long, device=device)
+        for _ in range(b.probe_iters):
+            counts += torch.bincount(probe_step(probe, opt, scholar, b.batch, head), minlength=s.n_classes)
+        accs = accuracy(probe, [t for t in seen if t.head == head])
+    share = counts.double() / counts.sum()
+    entropy = -float((share[share > 0] * share[share > 0].log()).sum())
+    return {"train_on_generated": sum(accs) / len(accs), "effective_classes": math.exp(entropy),
+            "class_share": [round(100 * float(p), 2) for p in share]}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # learn: a run (experiment, variant, seed) learns its tasks one after another; all it has learnt is a Run.
 
 SAMPLES_PER_ROW = 10
+RUN_STATE = ("ewc", "curves", "acc_after", "samples", "generators", "stage", "step")   # besides networks
 
 
 @dataclass
@@ -1031,12 +1070,13 @@ class Run:
     curves: list = field(default_factory=list)   # evaluations during training
     acc_after: list = field(default_factory=list)   # test accuracies after each stage
     samples: dict = field(default_factory=dict)  # sample rows for the figures: name -> [(stage or step, x)]
+    generators: list = field(default_factory=list)   # measure_generator of each trained generator, by task
     stage: int = 0
     step: int = 0
 
     def state_dict(self) -> dict:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        return {**{k: getattr(self, k) for k in ("ewc", "curves", "acc_after", "samples", "stage", "step")},
+        return {**{k: getattr(self, k) for k in RUN_STATE},
                 "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}, "scholar": self.scholar.state_dict(),
                 "opts": {k: o.state_dict() for k, o in self.opts.items()},
                 "old": None if self.old is None else self.old.state_dict()}
@@ -1051,7 +1091,7 @@ class Run:
         self.old = None if state["old"] is None else self.scholar.frozen_copy()
         if self.old is not None:
             self.old.load_state_dict(state["old"])
-        for k in ("ewc", "curves", "acc_after", "samples", "stage", "step"):
+        for k in RUN_STATE:
             setattr(self, k, state[k])
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"]:
@@ -1110,6 +1150,8 @@ def learn(e: Experiment, v: Variant, tasks: list[Task], b: Budget, *, r: float |
         run.acc_after.append(accuracy(run.scholar.solver, tasks[:1] if e.chain else tasks))
         if v.ewc and i < len(tasks) - 1:
             run.ewc = ewc_update(run.ewc, run.scholar.solver, task, b)
+        if trains_generator and b.probe_iters:
+            run.generators.append({"task": i + 1, **measure_generator(run.scholar, seen, b, task.head)})
         if e.sample_rows and trains_generator:   # Table 1's and Fig. 7's sample rows
             run.samples.setdefault(e.sample_rows, []).append((i + 1, run.scholar.sample(SAMPLES_PER_ROW)))
         run.old, run.stage, run.step = None, i + 1, 0
@@ -1129,7 +1171,8 @@ def run_one(e: Experiment, variant: str, seed: int, data: dict, b: Budget, **lea
         names, per_stage = [f"solver{k + 1}" for k in range(len(tasks))], [[a[0] for a in run.acc_after]]
     final = per_stage[-1]
     return {"tasks": names, "curves": run.curves, "acc_after_task": per_stage,
-            "final": {"acc": final, "avg": sum(final) / len(final)}, "samples": run.samples}
+            "final": {"acc": final, "avg": sum(final) / len(final)}, "generators": run.generators,
+            "samples": run.samples}
 
 
 # ============================================================================================================
@@ -1236,7 +1279,7 @@ def register_op_python_parts() -> None:
 # Progress and expected time: the steps of a run by kind (from task_trains, as learn trains them), their cost
 # timed on this machine, progress lines with an ETA.
 
-STEP_KINDS = ("solver", "replay solver", "generator", "replay generator")   # steps that cost differently
+STEP_KINDS = ("solver", "replay solver", "generator", "replay generator", "probe")   # that cost differently
 
 
 def run_plan(e: Experiment, v: Variant, b: Budget) -> list[dict[str, int]]:
@@ -1250,6 +1293,8 @@ def run_plan(e: Experiment, v: Variant, b: Budget) -> list[dict[str, int]]:
             plan["solver"] = b.warmup_iters
         if generator:
             plan[replay + "generator"] = b.gen_iters
+        if generator and b.probe_iters:
+            plan["probe"] = b.probe_iters
         plans.append(plan)
     return plans
 
@@ -1260,11 +1305,13 @@ def add_plans(plans) -> dict[str, int]:
 
 def steps_done(plans: list[dict[str, int]], stage: int, step: int, b: Budget) -> dict[str, int]:
     """Steps by kind that a run resumed at task `stage`, position `step` in it, has done (an LwF head warm-up
-    is over once the position is past 0)."""
+    is over once the position is past 0; a generator's measurement once the task is over)."""
     done = collections.Counter(add_plans(plans[:stage]))
     plan = plans[stage] if step and stage < len(plans) else {}
     solver, generator = steps_in(step, b)
     for kind, n in plan.items():
+        if kind == "probe":
+            continue
         warm_up = kind == "solver" and "replay solver" in plan
         done[kind] += n if warm_up else generator if "generator" in kind else solver
     return dict(done)
@@ -1298,12 +1345,15 @@ def step_costs(e: Experiment, b: Budget, device, generative: bool, graphs: bool 
             if s.generator_ema is not None:
                 s.average_generator(b.gen_ema, 2)
         if generative:
+            probe = Solver(e.shape, 10, e.heads, b.hidden, b.cnn_channels, b.dropout).to(device)
+            probe_opt = adam(probe, b.solver_lr)
             steps.update({"generator": lambda: generator_iteration(Replay()),
-                          "replay generator": lambda: generator_iteration(replay)})
+                          "replay generator": lambda: generator_iteration(replay),
+                          "probe": lambda: probe_step(probe, probe_opt, s, b.batch)})
         graphed_on = device if graphs and device.type == "cuda" else None
         costs, warm_ups = {}, 4 if graphed_on else 1   # graphed: 3 eager calls, then the capture and a replay
         for kind, step in steps.items():
-            step = graphed(step, graphed_on)
+            step = step if kind == "probe" else graphed(step, graphed_on)   # measure_generator's: eager
             for _ in range(warm_ups):
                 step()
             sync(device)
@@ -1682,6 +1732,11 @@ def watch(label: str, plans: list[dict], costs: dict, b: Budget, checkpoint: Che
 
     def on_step(run: Run, task: Task, phase: str, step: int, info: dict) -> None:
         if phase == "end":
+            if run.generators and run.generators[-1]["task"] == run.stage:
+                m = run.generators[-1]
+                progress.advance("probe", b.probe_iters)
+                progress.line(f"task {task.name} generator measured: a solver trained on its samples "
+                              f"{m['train_on_generated']:.2f} %, {m['effective_classes']:.2f} classes")
             return checkpoint.save(run, b)
         replays = "replay " if "replay solver" in plans[run.stage] else ""
         progress.advance("solver" if phase == "warm-up" else replays + phase)
@@ -1729,7 +1784,8 @@ def run_experiment(e: Experiment, args: Args, device, plan: ExperimentPlan, cost
                           config={"args": dataclasses.asdict(args), "budget": dataclasses.asdict(b)})
             write_json(run.stem + ".json", result)
             for key, rows in samples.items():
-                save_sample_rows(*sample_figure(label, key, rows), f"{run.stem}_samples_{key}.png")
+                save_sample_rows(*sample_figure(label, key, rows, result["generators"]),
+                                 f"{run.stem}_samples_{key}.png")
         except Interrupted as err:
             raise Interrupted(err.signum, f"{label} {err.saved or last_checkpoint(checkpoint)}") from None
         except (RunStopped, NonFiniteLoss, RuntimeError) as err:
@@ -1796,7 +1852,8 @@ def machine_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     n = torch.get_num_threads()
-    return f"{platform.machine()} CPU, {n} thread{'s' if n > 1 else ''}"
+    cpu = cpu_model() if "CPU" in cpu_model() else f"{cpu_model()} CPU"
+    return f"{cpu}, {n} thread{'s' if n > 1 else ''}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1840,13 +1897,19 @@ def save_sample_rows(rows: list[tuple[str, torch.Tensor]], title: str, path: str
     save_figure(fig, path)
 
 
-def sample_figure(label: str, key: str, rows: list) -> tuple[list, str]:
+def sample_figure(label: str, key: str, rows: list, generators: list = ()) -> tuple[list, str]:
     """The labelled rows and title of a run's sample grid `key`: 'tasks' (after each task), 'links' (each
-    link of the chain), 'task<k>' (task k's generator at the generator steps of Budget.sample_at)."""
+    link of the chain), 'task<k>' (task k's generator at the generator steps of Budget.sample_at). Rows of
+    a measured generator (measure_generator) name its train-on-generated accuracy and effective classes."""
+    measured = {m["task"]: f"\n{m['train_on_generated']:.1f} %, {m['effective_classes']:.1f} cl."
+                for m in generators}
+    note = "\nby each row: a solver trained on its samples (test %), effective classes" if measured else ""
     if key == "tasks":
-        return [(f"after task {k}", x) for k, x in rows], f"{label}: the generator's samples after each task"
+        return ([(f"after task {k}{measured.get(k, '')}", x) for k, x in rows],
+                f"{label}: the generator's samples after each task{note}")
     if key == "links":
-        return [(f"link {k}", x) for k, x in rows], f"{label}: samples of each link's generator"
+        return ([(f"link {k}{measured.get(k, '')}", x) for k, x in rows],
+                f"{label}: samples of each link's generator{note}")
     return [(f"step {k}", x) for k, x in rows], f"{label}: task {key[4:]}'s generator during training"
 
 
@@ -1993,7 +2056,7 @@ def load_results(folder: str) -> list[dict]:
 
 
 GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_iters", "gen_batch", "gen_ema",
-              "gan_schedule", "z_dim", "sample_at")
+              "gan_schedule", "z_dim", "sample_at", "probe_iters")
 
 
 def config_of(res: dict) -> dict:
@@ -2055,7 +2118,26 @@ def summary_table(results: list[dict], setting: str = "") -> str:
         average = mean_sd([r["final"]["avg"] for r in runs])
         seconds = mean_sd([r["wall_time_s"] for r in runs])
         lines.append(f"| {runs[0]['name']} | {len(runs)} | {' | '.join(per_task)} | {average} | {seconds} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + generator_table(by_variant)) + "\n"
+
+
+def generator_table(by_variant: dict[str, list[dict]]) -> list[str]:
+    """The measured generators (measure_generator) of each variant after each task, mean over seeds: the test
+    accuracy of a solver trained only on its samples, and its effective classes."""
+    measured = {v: runs for v, runs in by_variant.items() if all(r.get("generators") for r in runs)}
+    if not measured:
+        return []
+    tasks = [m["task"] for m in next(iter(measured.values()))[0]["generators"]]
+    lines = ["", "Generators: the test accuracy (%) on the tasks so far of a solver trained only on a "
+             "generator's samples, labelled by its solver; in brackets, the effective classes among them.",
+             "", "| variant | " + " | ".join(f"after task {k}" for k in tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    for runs in measured.values():
+        cells = [f"{mean_sd([r['generators'][j]['train_on_generated'] for r in runs])} "
+                 f"({statistics.mean(r['generators'][j]['effective_classes'] for r in runs):.1f})"
+                 for j in range(len(tasks))]
+        lines.append(f"| {runs[0]['name']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def group_results(results: list[dict]) -> dict[str, list[dict]]:

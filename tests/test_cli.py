@@ -57,6 +57,26 @@ def test_split_end_to_end(split_run):
     assert "it/s" in proc.stdout and "ETA" in proc.stdout
 
 
+def test_each_trained_generator_is_measured(split_run):
+    """GR's five generators (split trains the last one too) each with the share of each class among its
+    samples as its solver labels them, and the accuracy of a solver trained on them; after task 1 (digits
+    0 and 1) its solver names almost only those two. Runs without a generator have none; the summary
+    has a table of them, the progress a line each."""
+    out, proc = split_run
+    measured = load_run(out, "split", "gr")["generators"]
+    assert [m["task"] for m in measured] == [1, 2, 3, 4, 5]
+    for m in measured:
+        assert abs(sum(m["class_share"]) - 100) < 0.1 and len(m["class_share"]) == 10
+        assert 1 <= m["effective_classes"] <= 10 and 0 <= m["train_on_generated"] <= 100
+    assert sum(measured[0]["class_share"][:2]) > 90 and measured[0]["effective_classes"] < 2.05
+    assert measured[-1]["effective_classes"] > measured[0]["effective_classes"]
+    assert all(load_run(out, "split", v)["generators"] == [] for v in ("er", "noise", "none"))
+    summary = open(os.path.join(out, "split", "summary.md")).read()
+    assert "| variant | after task 1 | after task 2 | after task 3 | after task 4 | after task 5 |" in summary
+    assert f"| GR | {measured[0]['train_on_generated']:.2f} ({measured[0]['effective_classes']:.1f}) |" in summary
+    assert proc.stdout.count("generator measured: a solver trained on its samples") == 5
+
+
 def test_split_gr_beats_none(split_run):
     """Class-incremental: without replay only the last task survives (~20 %); GR keeps old classes.
     At the quick preset, seed 0, GR measured 68.8-71.5 % on two machines against None 19.3 % (reference/README.md)."""
@@ -252,8 +272,9 @@ def test_eta_is_right_from_the_first_generator_line():
     the ETA is within 25 % of the time left."""
     b = dgr.PAPER["split"]
     plans = dgr.run_plan(dgr.EXPERIMENTS["split"], dgr.VARIANTS["gr"], b)
-    recorded = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40}
-    calibrated = {"solver": 0.0035, "replay solver": 0.020, "generator": 0.80, "replay generator": 0.90}
+    recorded = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40, "probe": 0.03}
+    calibrated = {"solver": 0.0035, "replay solver": 0.020, "generator": 0.80, "replay generator": 0.90,
+                  "probe": 0.02}
     log_every = b.gen_iters // (b.solver_iters // b.eval_every)
     eta, left = simulate_eta(plans, recorded, calibrated, b.eval_every, log_every)
     assert abs(eta - left) / left < 0.25, (eta, left)
@@ -262,7 +283,7 @@ def test_eta_is_right_from_the_first_generator_line():
 def test_a_resumed_run_is_timed_from_where_it_stands():
     """Resumed mid-task (task 2 of split GR, 20 generator steps in; task 2 of LwF, past its head warm-up),
     the expected time and the ETA count only the steps left, and the ETA reaches 0 at the run's end."""
-    costs = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40}
+    costs = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40, "probe": 0.03}
     for exp, at, done_in_task in (("split", lambda b: (1, b.solver_iters + 20), {"replay solver": None, "replay generator": 20}),
                                   ("lwf", lambda b: (1, 30), {"solver": None, "replay solver": 30})):
         b = dgr.PAPER[exp]
@@ -273,6 +294,7 @@ def test_a_resumed_run_is_timed_from_where_it_stands():
             expected[kind] = expected.get(kind, 0) + (plans[1][kind] if n is None else n)
         assert done == expected
         left = {kind: n - done.get(kind, 0) for kind, n in dgr.add_plans(plans).items()}
+        assert left.get("probe", 0) == (4 * b.probe_iters if exp == "split" else 0)   # measured at a task's end
         seconds = sum(n * costs[kind] for kind, n in left.items())
         assert dgr.run_seconds(dgr.EXPERIMENTS[exp], "gr", b, costs, at(b)) == pytest.approx(seconds)
         assert seconds < dgr.run_seconds(dgr.EXPERIMENTS[exp], "gr", b, costs)
@@ -425,10 +447,15 @@ def test_sample_grids_label_their_rows(tmp_path, monkeypatch):
     rows = [(k, torch.rand(10, 1, 28, 28) * 2 - 1) for k in (1, 2, 3)]
     dgr.save_sample_rows(*dgr.sample_figure("split GR seed 0", "tasks", rows), str(tmp_path / "s.png"))
     dgr.save_sample_rows(*dgr.sample_figure("mnist-svhn GR seed 0", "task2", rows), str(tmp_path / "t.png"))
-    tasks, steps = (fig.axes[0] for fig in figures)
+    measured = [{"task": k, "train_on_generated": 90.0 + k, "effective_classes": 2.0 * k} for k in (1, 2)]
+    dgr.save_sample_rows(*dgr.sample_figure("chain GR seed 0", "links", rows, measured), str(tmp_path / "c.png"))
+    tasks, steps, links = (fig.axes[0] for fig in figures)
     assert [t.get_text() for t in tasks.get_yticklabels()] == ["after task 1", "after task 2", "after task 3"]
     assert tasks.get_title() == "split GR seed 0: the generator's samples after each task"
     assert [t.get_text() for t in steps.get_yticklabels()] == ["step 1", "step 2", "step 3"]
+    assert [t.get_text() for t in links.get_yticklabels()] == ["link 1\n91.0 %, 2.0 cl.", "link 2\n92.0 %, 4.0 cl.",
+                                                               "link 3"]
+    assert links.get_title().endswith("\nby each row: a solver trained on its samples (test %), effective classes")
 
 
 def test_summary_is_mean_and_sd_over_seeds_and_plain_for_one(tmp_path):

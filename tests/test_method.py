@@ -203,8 +203,9 @@ def test_replayed_generator_is_the_running_average_of_the_trained_one(tmp_path, 
 ])
 def test_replay_targets_reach_the_solver(tmp_path, monkeypatch, argv, soft, temperature):
     labels, targets, task = set(), set(), {}
-    training = lambda: task.get("name") not in (None, "calibration")   # not the ETA's timing steps
-    spy(monkeypatch, dgr, "solver_step", None, before=lambda a: task.update(name=a["task"].name))
+    training = lambda: task.get("name") not in (None, "calibration", "measuring")   # the ETA's timing steps
+    spy(monkeypatch, dgr, "solver_step", None, before=lambda a: task.update(name=a["task"].name))   # and the
+    spy(monkeypatch, dgr, "measure_generator", None, before=lambda a: task.update(name="measuring"))   # probe
     spy(monkeypatch, dgr.Scholar, "label", lambda a, _: training() and labels.add((a["soft"], a["temperature"])))
     spy(monkeypatch, dgr, "replay_loss", lambda a, _: training() and len(a["logits_replay"])
         and targets.add(a["targets_replay"].dtype.is_floating_point))
@@ -441,6 +442,36 @@ def test_gr_through_the_library_on_data_that_is_not_mnist():
     gr = learn_tasks(tasks, b, (3, 16, 16), 4, "gr")
     assert none[0] < 10 and none[1] > 90, none
     assert gr[0] > 80 and gr[1] > 80, gr
+
+
+def test_measuring_a_generator_on_data_that_is_not_mnist():
+    """A generator that learnt two of four pattern classes: its solver labels its samples as those two
+    about evenly, and a solver trained only on them recognises the real test patterns; measuring leaves the
+    scholar and the random stream as they were."""
+    task = pattern_tasks()[0]
+    b = dgr.Budget(solver_iters=150, gen_iters=150, n_critic=3, gan="mlp", width=64, hidden=64, batch=64,
+                   gen_batch=64, gen_lr=8e-4, critic_lr=1.6e-3, probe_iters=100)
+    torch.manual_seed(0)
+    scholar = dgr.Scholar((3, 16, 16), b, n_classes=4)
+    dgr.train_task(scholar, scholar.optimizers(b), task, dgr.Replay(), r=1.0, b=b)
+    before, rng = copy.deepcopy(scholar.state_dict()), torch.get_rng_state()
+    m = dgr.measure_generator(scholar, [task], b)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, scholar.state_dict()[k]) for k, v in before.items())
+    assert sum(m["class_share"][:2]) > 99 and min(m["class_share"][:2]) > 25, m
+    assert 1.6 < m["effective_classes"] <= 2.0 and m["train_on_generated"] > 90, m
+
+
+def test_measuring_generators_changes_nothing_a_run_learns(mnist):
+    """A split run with its generators measured learns exactly what it learns without: the same curves,
+    accuracies and samples."""
+    b = dgr.Budget(**{**dgr.QUICK_COMMON, "solver_iters": 30, "gen_iters": 10, "eval_every": 10})
+    runs = [dgr.run_one(dgr.EXPERIMENTS["split"], "gr", 0, {"mnist": mnist}, dataclasses_replace(b, probe_iters=k))
+            for k in (0, 15)]
+    assert runs[0]["generators"] == [] and [m["task"] for m in runs[1]["generators"]] == [1, 2, 3, 4, 5]
+    for key in ("curves", "acc_after_task", "final"):
+        assert runs[0][key] == runs[1][key]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(runs[0]["samples"]["tasks"], runs[1]["samples"]["tasks"]))
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (1, 9, 13), (2, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 48)])
