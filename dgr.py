@@ -1852,8 +1852,8 @@ def machine_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     n = torch.get_num_threads()
-    cpu = cpu_model() if "CPU" in cpu_model() else f"{cpu_model()} CPU"
-    return f"{cpu}, {n} thread{'s' if n > 1 else ''}"
+    cpu = cpu_model()
+    return f"{cpu if 'CPU' in cpu else cpu + ' CPU'}, {n} thread{'s' if n > 1 else ''}"
 
 
 # ------------------------------------------------------------------------------------------------------------
