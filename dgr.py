@@ -80,6 +80,7 @@ class Budget:
     ewc_lambda: float = 100.0     # online EWC penalty weight
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
     probe_iters: int = 1000       # steps of the fresh solver that measures each trained generator (0: none)
+    last_generator: str = "train"   # or skip: the last task's generator (split, SVHN), shown, never replayed
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -94,7 +95,8 @@ class Budget:
 BUDGET_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a word", tuple: "steps (a:b:...)"}
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
-                  "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous")}
+                  "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous"),
+                  "last_generator": ("train", "skip")}
 BUDGET_FRACTIONS = ("gen_ema", "dropout")   # in [0, 1); below: those that may be 0 (counts >= 1, rates > 0)
 BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda",
                       "probe_iters")
@@ -140,7 +142,7 @@ PAPER = {
 # DCGAN's convolutions) with 3 critic steps at twice the generator's lr (TTUR), and the solver's lr decayed by
 # a cosine within each task. chain's and permuted's generators, which must carry all ten digits (of every
 # permutation) to the next task, are wider and train longer; split's GAN trains on larger batches at a
-# higher lr.
+# higher lr, and its last task's generator, which only the sample figure would show, is skipped.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
 FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)
 FAST_SVHN = dict(FAST_GAN, solver_iters=1000, gen_iters=2000, eval_every=250)
@@ -148,7 +150,7 @@ FAST = {
     "chain": Budget(eval_every=1000, **FAST_ALL_DIGITS),
     "permuted": Budget(eval_every=500, gen_batch=128, **dict(FAST_ALL_DIGITS, gen_lr=4e-4, critic_lr=8e-4)),
     "split": Budget(solver_iters=1000, gen_iters=1500, eval_every=250, solver_lr=3e-4, gen_ema=0.99,
-                    gen_batch=256, **dict(FAST_GAN, gen_lr=8e-4, critic_lr=1.6e-3)),
+                    gen_batch=256, last_generator="skip", **dict(FAST_GAN, gen_lr=8e-4, critic_lr=1.6e-3)),
     "mnist-svhn": Budget(sample_at=(200, 500, 1000, 2000), **FAST_SVHN),
     "svhn-mnist": Budget(sample_at=(200, 500, 1000, 2000), **FAST_SVHN),
     "lwf": Budget(warmup_iters=200, **FAST_SVHN),
@@ -708,7 +710,8 @@ class Experiment:
     svhn: bool = False              # SVHN and MNIST at 32x32x3, a CNN solver; else MNIST at 28x28x1, an MLP
     lwf: bool = False               # Learning without Forgetting: a head per task, None distils new inputs
     chain: bool = False             # each task a new link that learns only from the previous link's replay
-    last_generator: bool = False    # the last task's generator trains too (its samples are shown)
+    last_generator: bool = False    # the last task's generator trains too (its samples shown), unless the
+                                    # budget skips it
     sample_rows: str = ""           # a sample row after each task: grid <variant>_seed<k>_samples_<rows>.png
     variants: tuple = ALL_BUT_EWC   # the variants that apply
 
@@ -746,9 +749,10 @@ EXPERIMENTS = {e.name: e for e in (
 def task_trains(e: Experiment, v: Variant, i: int, b: Budget) -> tuple[bool, bool]:
     """(solver, generator): whether task i of a run of `e` with `v` trains its solver, and its generator.
     Without replay, chain links after the first learn nothing; the last task's generator, which no later task
-    replays, trains only where its samples are shown."""
+    replays, trains only where its samples are shown and the budget pays for it."""
     solver = not (e.chain and i > 0 and not v.replays(e.lwf))
-    return solver, solver and v.generative and (i < e.n_tasks(b) - 1 or e.last_generator)
+    last = e.last_generator and b.last_generator == "train"
+    return solver, solver and v.generative and (i < e.n_tasks(b) - 1 or last)
 
 
 def load_data(e: Experiment, data_dir: str, device) -> dict:
@@ -2056,7 +2060,7 @@ def load_results(folder: str) -> list[dict]:
 
 
 GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_iters", "gen_batch", "gen_ema",
-              "gan_schedule", "z_dim", "sample_at", "probe_iters")
+              "gan_schedule", "z_dim", "sample_at", "probe_iters", "last_generator")
 
 
 def config_of(res: dict) -> dict:

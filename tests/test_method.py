@@ -68,6 +68,23 @@ def test_real_share_reaches_solver_and_generator_of_each_task(tmp_path, monkeypa
     assert {k: v for k, v in gen_r.items() if k in names} == want   # split trains the last generator too
 
 
+def test_the_last_generator_is_a_choice_that_changes_no_accuracy(tmp_path, monkeypatch):
+    """last_generator=skip leaves out the one generator no task replays (split's fifth): four generators
+    trained, measured and shown instead of five, and the solvers' numbers as they were."""
+    results = {}
+    for choice in ("train", "skip"):
+        trains = []
+        spy(monkeypatch, dgr, "train_task", lambda a, _: trains.append(a["train_generator"]))
+        run_main(tmp_path / choice, "--exp", "split", "--variants", "gr", "--budget", f"last_generator={choice}")
+        results[choice] = json.loads((tmp_path / choice / "split" / "gr_seed0.json").read_text()), trains
+        monkeypatch.undo()
+    (train, trains_train), (skip, trains_skip) = results["train"], results["skip"]
+    assert trains_train == [True] * 5 and trains_skip == [True] * 4 + [False]
+    assert [g["task"] for g in skip["generators"]] == [1, 2, 3, 4] and len(train["generators"]) == 5
+    assert skip["acc_after_task"] == train["acc_after_task"] and skip["curves"] == train["curves"]
+    assert dgr.FAST["split"].last_generator == "skip" and dgr.PAPER["split"].last_generator == "train"
+
+
 def test_generator_learns_the_r_mix_of_real_and_old_samples(tmp_path, monkeypatch):
     """On task i the generator's 'real' batch holds round(r*n) real inputs, the rest old samples."""
     seen = {}
