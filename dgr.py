@@ -55,6 +55,7 @@ class Budget:
     solver_iters: int = 2000      # solver steps per task
     gen_iters: int = 3000         # generator steps per task (each after n_critic critic steps)
     batch: int = 128              # solver batch (real and replayed batches each this size)
+    replay_batch: int = 0         # replayed inputs per solver step, if not batch (0: batch)
     gen_batch: int = 64           # generator/critic batch
     eval_every: int = 250         # evaluate (and print progress) every k solver steps
     train_limit: int = 0          # use at most this many training images per task (0: all)
@@ -98,8 +99,8 @@ BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosin
                   "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous"),
                   "last_generator": ("train", "skip")}
 BUDGET_FRACTIONS = ("gen_ema", "dropout")   # in [0, 1); below: those that may be 0 (counts >= 1, rates > 0)
-BUDGET_MAY_BE_ZERO = ("train_limit", "test_limit", "warmup_iters", "lam", "critic_lr", "ewc_lambda",
-                      "probe_iters")
+BUDGET_MAY_BE_ZERO = ("replay_batch", "train_limit", "test_limit", "warmup_iters", "lam", "critic_lr",
+                      "ewc_lambda", "probe_iters")
 
 
 def budget_field_error(name: str, value) -> str | None:
@@ -807,10 +808,12 @@ def generator_inputs(task: Task, replay: Replay, r: float, n: int) -> torch.Tens
     return x_real if n_real == n else torch.cat([x_real, replay.old.sample(n - n_real)])
 
 
-def solver_step(s: Scholar, opt, task: Task, replay: Replay, r: float, batch: int) -> torch.Tensor:
-    """One solver step on r*CE(S(x), y) + (1-r)*CE(S(x'), S_old(x'))."""
+def solver_step(s: Scholar, opt, task: Task, replay: Replay, r: float, batch: int,
+                replay_batch: int = 0) -> torch.Tensor:
+    """One solver step on r*CE(S(x), y) + (1-r)*CE(S(x'), S_old(x')): `batch` real inputs x, `replay_batch`
+    replayed x' (0: batch)."""
     x, y = random_batch(task, batch if r > 0 else 0)
-    x_rep = replay.inputs(batch, s.shape, current=x) if r < 1 else None
+    x_rep = replay.inputs(replay_batch or batch, s.shape, current=x) if r < 1 else None
     if x_rep is None:
         x_rep, r = x[:0], 1.0
     targets = replay.old.label(x_rep, replay.head, replay.soft, replay.temperature) if len(x_rep) else y[:0]
@@ -876,7 +879,7 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         if b.warmup_iters and replay.source != "none":
             warm_up_head(s, task, b, callback)
     device = task.x_train.device if graphs and task.x_train.is_cuda else None   # None: eager steps
-    solver = graphed(lambda: solver_step(s, opts["solver"], task, replay, r, b.batch), device)
+    solver = graphed(lambda: solver_step(s, opts["solver"], task, replay, r, b.batch, b.replay_batch), device)
     for step in range(solver_done + 1, b.solver_iters + 1):
         if b.solver_schedule == "cosine":
             set_lr(opts["solver"], b.solver_lr * cosine(step, b.solver_iters))
@@ -1340,7 +1343,8 @@ def step_costs(e: Experiment, b: Budget, device, generative: bool, graphs: bool 
         task = Task("calibration", x, y, x, y)
         replay = Replay("generator" if generative else "noise", s.frozen_copy())
         steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch),
-                 "replay solver": lambda: solver_step(s, opts["solver"], task, replay, 0.5, b.batch)}
+                 "replay solver": lambda: solver_step(s, opts["solver"], task, replay, 0.5, b.batch,
+                                                      b.replay_batch)}
 
         def generator_iteration(rep):
             for _ in range(b.n_critic):

@@ -749,6 +749,22 @@ def test_distill_loss_is_temperature_scaled_soft_ce(old_scholar, mnist):
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_a_replay_batch_of_its_own_size(old_scholar, mnist):
+    """replay_batch: 16 real inputs and 48 replayed ones in one step, each batch's CE its own mean."""
+    torch.manual_seed(0)
+    new = dgr.Scholar((1, 28, 28), dgr.Budget(width=8, hidden=32), with_generator=False)
+    task = dgr.Task("t", mnist[0][:64], mnist[1][:64], mnist[2][:8], mnist[3][:8])
+    replay = dgr.Replay("stored", old_scholar, [mnist[0][64:128]])
+    torch.manual_seed(5)
+    loss = dgr.solver_step(new, torch.optim.SGD(new.solver.parameters(), lr=0.0), task, replay, 0.25, 16, 48)
+    torch.manual_seed(5)
+    x, y = dgr.random_batch(task, 16)
+    x_rep = replay.inputs(48, (1, 28, 28))
+    with torch.no_grad():
+        want = 0.25 * hand_ce(new.solver(x), y) + 0.75 * hand_ce(new.solver(x_rep), old_scholar.label(x_rep))
+    assert len(x_rep) == 48 and loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
 def test_ewc_fisher_and_penalty(mnist):
     torch.manual_seed(0)
     b = dgr.Budget(hidden=32, fisher_samples=50, ewc_lambda=100.0)
