@@ -1024,6 +1024,13 @@ def accuracy(solver: Solver, tasks: list[Task], chunk: int = 2000) -> list[float
     return accs
 
 
+def fresh_probe(s: Scholar, b: Budget) -> tuple[Solver, torch.optim.Optimizer]:
+    """A new solver of the scholar's shape, classes and heads, with its Adam: measure_generator's probe."""
+    probe = Solver(s.shape, s.n_classes, len(s.solver.heads), b.hidden, b.cnn_channels, b.dropout)
+    probe.to(next(s.solver.parameters()).device)
+    return probe, adam(probe, b.solver_lr)
+
+
 def probe_step(probe: Solver, opt, scholar: Scholar, batch: int, head: int = 0) -> torch.Tensor:
     """One step of a fresh solver on `batch` samples of the scholar's generator, labelled by its solver (as
     a later task replays them); returns the labels."""
@@ -1046,9 +1053,7 @@ def measure_generator(s: Scholar, seen: list[Task], b: Budget, head: int = 0) ->
     device = next(s.solver.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         scholar = s.frozen_copy()   # sampling moves batch-norm statistics: not those of the run
-        probe = Solver(s.shape, s.n_classes, len(s.solver.heads), b.hidden, b.cnn_channels, b.dropout)
-        probe.to(device)
-        opt = adam(probe, b.solver_lr)
+        probe, opt = fresh_probe(s, b)
         counts = torch.zeros(s.n_classes, dtype=torch.long, device=device)
         for _ in range(b.probe_iters):
             counts += torch.bincount(probe_step(probe, opt, scholar, b.batch, head), minlength=s.n_classes)
@@ -1353,8 +1358,7 @@ def step_costs(e: Experiment, b: Budget, device, generative: bool, graphs: bool 
             if s.generator_ema is not None:
                 s.average_generator(b.gen_ema, 2)
         if generative:
-            probe = Solver(e.shape, 10, e.heads, b.hidden, b.cnn_channels, b.dropout).to(device)
-            probe_opt = adam(probe, b.solver_lr)
+            probe, probe_opt = fresh_probe(s, b)
             steps.update({"generator": lambda: generator_iteration(Replay()),
                           "replay generator": lambda: generator_iteration(replay),
                           "probe": lambda: probe_step(probe, probe_opt, s, b.batch)})
