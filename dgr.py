@@ -1542,7 +1542,8 @@ class Checkpoint:
             return None
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            fingerprint, state, elapsed = saved["fingerprint"], saved["run"], float(saved["elapsed"])
+            fingerprint, state = with_new_fields(saved["fingerprint"]), saved["run"]
+            elapsed = float(saved["elapsed"])
         except Exception as e:
             raise ValueError(f"checkpoint {self.path} is unreadable ({type(e).__name__})") from None
         if fingerprint != self.fingerprint:
@@ -1584,6 +1585,15 @@ def other_run(saved: dict, fingerprint: dict) -> str:
     differ = ", ".join(f"{k} {saved[k]!r} != {fingerprint[k]!r}" for k in sorted(saved)
                        if saved[k] != fingerprint[k])
     return f"belongs to another run (differs in: {differ or 'nothing'})"
+
+
+def with_new_fields(saved):
+    """A saved fingerprint with the Budget fields added since it was written, at their defaults: a new field's
+    default keeps what dgr.py did before it, so such a run is still the same run."""
+    if not isinstance(saved, dict) or not {"exp", "seed"} <= set(saved):
+        return saved
+    defaults = json.loads(json.dumps(BUDGET_DEFAULTS))
+    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
 
 
 def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget, runs_on: dict) -> dict:
@@ -2079,7 +2089,7 @@ def config_of(res: dict) -> dict:
     unused |= set() if v.distill else {"temperature"}
     unused |= set() if v.ewc else {"ewc_lambda", "fisher_samples"}
     unused |= set() if v.replays(EXPERIMENTS[res["exp"]].lwf) else {"r", "replay_targets"}
-    return {k: value for k, value in (res.get("fingerprint") or {}).items() if k not in unused}
+    return {k: value for k, value in with_new_fields(res.get("fingerprint") or {}).items() if k not in unused}
 
 
 def group_by_config(results: list[dict]) -> list[list[dict]]:
@@ -2365,7 +2375,7 @@ def saved_fingerprint(path: str) -> dict:
             res = json.load(f)
         if not isinstance(res, dict) or not isinstance(res.get("fingerprint"), dict):
             raise ValueError("no fingerprint")
-        return res["fingerprint"]
+        return with_new_fields(res["fingerprint"])
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UsageError(f"{path} is not a readable result of dgr.py ({type(e).__name__}: {e}); pass "
                          "--overwrite to replace it, or choose another --out") from None
