@@ -54,8 +54,8 @@ import torch.nn.functional as F
 class Budget:
     solver_iters: int = 2000      # solver steps per task
     gen_iters: int = 3000         # generator steps per task (each after n_critic critic steps)
-    batch: int = 128              # solver batch (real and replayed batches each this size)
-    replay_batch: int = 0         # replayed inputs per solver step, if not batch (0: batch)
+    batch: int = 128              # solver batch: real inputs per step, and replayed ones unless replay_batch
+    replay_batch: int = 0         # replayed inputs per solver step (0: batch); LwF's None distils the batch
     gen_batch: int = 64           # generator/critic batch
     eval_every: int = 250         # evaluate (and print progress) every k solver steps
     train_limit: int = 0          # use at most this many training images per task (0: all)
@@ -711,8 +711,8 @@ class Experiment:
     svhn: bool = False              # SVHN and MNIST at 32x32x3, a CNN solver; else MNIST at 28x28x1, an MLP
     lwf: bool = False               # Learning without Forgetting: a head per task, None distils new inputs
     chain: bool = False             # each task a new link that learns only from the previous link's replay
-    last_generator: bool = False    # the last task's generator trains too (its samples shown), unless the
-                                    # budget skips it
+    shows_last_generator: bool = False   # its last task's generator trains too (for its samples), unless
+                                         # the budget skips it
     sample_rows: str = ""           # a sample row after each task: grid <variant>_seed<k>_samples_<rows>.png
     variants: tuple = ALL_BUT_EWC   # the variants that apply
 
@@ -736,14 +736,14 @@ EXPERIMENTS = {e.name: e for e in (
                lambda data, b, seed: permuted_tasks(data["mnist"], b, seed), lambda b: b.n_tasks,
                variants=(*ALL_BUT_EWC, "ewc")),
     Experiment("mnist-svhn", "MNIST then SVHN (Fig. 3)", two_domains("mnist", "svhn"), lambda b: 2, svhn=True,
-               last_generator=True),
+               shows_last_generator=True),
     Experiment("svhn-mnist", "SVHN then MNIST (Fig. 3)", two_domains("svhn", "mnist"), lambda b: 2, svhn=True,
-               last_generator=True),
+               shows_last_generator=True),
     Experiment("lwf", "SVHN then MNIST, a head per task (Fig. 5)", two_domains("svhn", "mnist", heads=True),
                lambda b: 2, svhn=True, lwf=True, variants=("gr", "er", "noise", "none")),
     Experiment("split", "Split MNIST, class-incremental (Fig. 6)",
                lambda data, b, seed: split_tasks(data["mnist"], b, seed), lambda b: len(SPLIT_CLASSES),
-               last_generator=True, sample_rows="tasks", variants=(*ALL_BUT_EWC, "ewc")),
+               shows_last_generator=True, sample_rows="tasks", variants=(*ALL_BUT_EWC, "ewc")),
 )}
 
 
@@ -752,7 +752,7 @@ def task_trains(e: Experiment, v: Variant, i: int, b: Budget) -> tuple[bool, boo
     Without replay, chain links after the first learn nothing; the last task's generator, which no later task
     replays, trains only where its samples are shown and the budget pays for it."""
     solver = not (e.chain and i > 0 and not v.replays(e.lwf))
-    last = e.last_generator and b.last_generator == "train"
+    last = e.shows_last_generator and b.last_generator == "train"
     return solver, solver and v.generative and (i < e.n_tasks(b) - 1 or last)
 
 
@@ -1542,11 +1542,11 @@ class Checkpoint:
             return None
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            fingerprint, state = with_new_fields(saved["fingerprint"]), saved["run"]
+            fingerprint, state = saved["fingerprint"], saved["run"]
             elapsed = float(saved["elapsed"])
         except Exception as e:
             raise ValueError(f"checkpoint {self.path} is unreadable ({type(e).__name__})") from None
-        if fingerprint != self.fingerprint:
+        if run_settings(fingerprint) != run_settings(self.fingerprint):
             raise ValueError(f"checkpoint {self.path} {other_run(fingerprint, self.fingerprint)}")
         if (why := self.fits(state)):
             raise ValueError(f"checkpoint {self.path} is unreadable ({why})")
@@ -1578,6 +1578,7 @@ def other_run(saved: dict, fingerprint: dict) -> str:
     """Why a saved result or checkpoint is not this run's: another version of dgr.py, or other settings."""
     if not isinstance(saved, dict):
         return "is not a result of dgr.py"
+    saved, fingerprint = run_settings(saved), run_settings(fingerprint)
     if set(saved) != set(fingerprint):
         missing, extra = sorted(set(fingerprint) - set(saved)), sorted(set(saved) - set(fingerprint))
         parts = (missing and "lack " + ", ".join(missing), extra and "have " + ", ".join(extra))
@@ -1587,13 +1588,25 @@ def other_run(saved: dict, fingerprint: dict) -> str:
     return f"belongs to another run (differs in: {differ or 'nothing'})"
 
 
-def with_new_fields(saved):
-    """A saved fingerprint with the Budget fields added since it was written, at their defaults: a new field's
-    default keeps what dgr.py did before it, so such a run is still the same run."""
-    if not isinstance(saved, dict) or not {"exp", "seed"} <= set(saved):
-        return saved
-    defaults = json.loads(json.dumps(BUDGET_DEFAULTS))
-    return {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_iters", "gen_batch", "gen_ema",
+              "gan_schedule", "z_dim", "sample_at", "probe_iters", "last_generator")   # unused without one
+# Budget fields added after runs were saved, each with the value that does what dgr.py did before it: a saved
+# run without the field is the same run at that value. A new field joins only if such a value exists.
+ADDED_BUDGET_FIELDS = {"replay_batch": 0, "last_generator": "train"}
+
+
+def run_settings(fingerprint):
+    """The settings of a fingerprint that bear on its run's numbers: fields added since it was saved at their
+    old values, and without the fields its variant does not use (a GAN's for ER)."""
+    if not isinstance(fingerprint, dict) or fingerprint.get("variant") not in VARIANTS \
+            or fingerprint.get("exp") not in EXPERIMENTS:
+        return fingerprint
+    v, lwf = VARIANTS[fingerprint["variant"]], EXPERIMENTS[fingerprint["exp"]].lwf
+    unused = set() if v.generative else set(GAN_FIELDS)
+    unused |= set() if v.distill else {"temperature"}
+    unused |= set() if v.ewc else {"ewc_lambda", "fisher_samples"}
+    unused |= set() if v.replays(lwf) else {"r", "replay_targets", "replay_batch"}
+    return {k: value for k, value in {**ADDED_BUDGET_FIELDS, **fingerprint}.items() if k not in unused}
 
 
 def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget, runs_on: dict) -> dict:
@@ -2077,19 +2090,11 @@ def load_results(folder: str) -> list[dict]:
     return results
 
 
-GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_iters", "gen_batch", "gen_ema",
-              "gan_schedule", "z_dim", "sample_at", "probe_iters", "last_generator")
-
-
 def config_of(res: dict) -> dict:
-    """The settings of a result that bear on its numbers, without its variant and seed, and without the
-    fields its variant does not use (a GAN's for ER), so that the variants of one command group together."""
-    v = VARIANTS[res["variant"]]
-    unused = {"variant", "seed"} | (set() if v.generative else set(GAN_FIELDS))
-    unused |= set() if v.distill else {"temperature"}
-    unused |= set() if v.ewc else {"ewc_lambda", "fisher_samples"}
-    unused |= set() if v.replays(EXPERIMENTS[res["exp"]].lwf) else {"r", "replay_targets"}
-    return {k: value for k, value in with_new_fields(res.get("fingerprint") or {}).items() if k not in unused}
+    """The settings of a result that bear on its numbers (run_settings), without its variant and seed, so that
+    the variants of one command group together."""
+    settings = run_settings({**(res.get("fingerprint") or {}), "exp": res["exp"], "variant": res["variant"]})
+    return {k: value for k, value in settings.items() if k not in ("variant", "seed")}
 
 
 def group_by_config(results: list[dict]) -> list[list[dict]]:
@@ -2356,7 +2361,7 @@ def plan_experiment(exp: str, args: Args, b: Budget, folder: str, runs_on: dict)
                                      "--out") from None
             elif resume and done:
                 saved = saved_fingerprint(stem + ".json")
-                if saved != fingerprint:
+                if run_settings(saved) != run_settings(fingerprint):
                     raise UsageError(f"{stem}.json {other_run(saved, fingerprint)}; pass --overwrite to "
                                      "replace it or choose another --out")
                 print(f"{stem}.json: finished earlier, kept", flush=True)
@@ -2375,7 +2380,7 @@ def saved_fingerprint(path: str) -> dict:
             res = json.load(f)
         if not isinstance(res, dict) or not isinstance(res.get("fingerprint"), dict):
             raise ValueError("no fingerprint")
-        return with_new_fields(res["fingerprint"])
+        return res["fingerprint"]
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UsageError(f"{path} is not a readable result of dgr.py ({type(e).__name__}: {e}); pass "
                          "--overwrite to replace it, or choose another --out") from None

@@ -221,29 +221,33 @@ def test_result_of_an_older_version_is_named_so(tmp_path):
     folder.mkdir()
     fingerprint = dgr.run_fingerprint("split", "none", 0, dgr.parse_args(argv), dgr.budget_for(dgr.parse_args(argv), "split"),
                                       CPU_RUN)
-    del fingerprint["temperature"], fingerprint["ewc_lambda"]         # as an older dgr.py wrote it
+    del fingerprint["solver_lr"], fingerprint["dropout"]         # as an older dgr.py wrote it
     (folder / "none_seed0.json").write_text(json.dumps({"fingerprint": fingerprint}))
     proc = run_dgr(*argv, "--resume")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "none_seed0.json was written by another version of dgr.py (its settings lack temperature); " \
+    assert "none_seed0.json was written by another version of dgr.py (its settings lack dropout, solver_lr); " \
            "pass --overwrite to replace it or choose another --out" in proc.stderr
 
 
 def test_a_result_from_before_a_new_budget_field_is_still_the_same_run(tmp_path):
-    """A Budget field added later, at its default, does what dgr.py did before it: a result written without
-    it is kept by --resume; at another value it is another run."""
+    """A Budget field added later does at its old value what dgr.py did before it: a result written without
+    it is kept by --resume; another value is another run. A field its variant does not use (a GAN's for ER)
+    never makes another run."""
     require_mnist()
-    argv = ["--exp", "split", "--preset", "quick", "--variants", "none", "--budget", "solver_iters=20",
+    argv = ["--exp", "split", "--preset", "quick", "--variants", "er", "--budget", "solver_iters=20",
             "--out", str(tmp_path)]
     assert run_dgr(*argv).returncode == 0
-    path = tmp_path / "split" / "none_seed0.json"
+    path = tmp_path / "split" / "er_seed0.json"
     res = json.loads(path.read_text())
-    del res["fingerprint"]["replay_batch"], res["fingerprint"]["last_generator"]   # as an older dgr.py wrote it
+    del res["fingerprint"]["replay_batch"], res["fingerprint"]["last_generator"]   # as an older dgr.py had it
     path.write_text(json.dumps(res))
-    proc = run_dgr(*argv, "--resume")
-    assert proc.returncode == 0 and f"{tmp_path / 'split' / 'none_seed0'}.json: finished earlier, kept" in proc.stdout
-    proc = run_dgr(*argv[:-4], "--budget", "solver_iters=20,replay_batch=64", "--out", str(tmp_path), "--resume")
-    assert proc.returncode == 2 and "differs in: replay_batch 0 != 64" in proc.stderr
+    kept = f"{tmp_path / 'split' / 'er_seed0'}.json: finished earlier, kept"
+    for budget, code in (("solver_iters=20", 0), ("solver_iters=20,gen_iters=7", 0),
+                         ("solver_iters=20,replay_batch=64", 2)):
+        argv[-3] = budget
+        proc = run_dgr(*argv, "--resume")
+        assert proc.returncode == code and (kept in proc.stdout if code == 0 else
+                                            "differs in: replay_batch 0 != 64" in proc.stderr), proc.stderr
 
 
 def test_estimate_prints_expected_time_and_runs_nothing(tmp_path):

@@ -75,7 +75,8 @@ def test_the_last_generator_is_a_choice_that_changes_no_accuracy(tmp_path, monke
     for choice in ("train", "skip"):
         trains = []
         spy(monkeypatch, dgr, "train_task", lambda a, _: trains.append(a["train_generator"]))
-        run_main(tmp_path / choice, "--exp", "split", "--variants", "gr", "--budget", f"last_generator={choice}")
+        run_main(tmp_path / choice, "--exp", "split", "--variants", "gr",
+                 "--budget", f"last_generator={choice}")
         results[choice] = json.loads((tmp_path / choice / "split" / "gr_seed0.json").read_text()), trains
         monkeypatch.undo()
     (train, trains_train), (skip, trains_skip) = results["train"], results["skip"]
@@ -83,6 +84,14 @@ def test_the_last_generator_is_a_choice_that_changes_no_accuracy(tmp_path, monke
     assert [g["task"] for g in skip["generators"]] == [1, 2, 3, 4] and len(train["generators"]) == 5
     assert skip["acc_after_task"] == train["acc_after_task"] and skip["curves"] == train["curves"]
     assert dgr.FAST["split"].last_generator == "skip" and dgr.PAPER["split"].last_generator == "train"
+
+
+def test_replay_batch_sets_the_replayed_inputs_of_every_solver_step(tmp_path, monkeypatch):
+    """--budget replay_batch=24: each solver step of GR and ER replays 24 inputs beside its real batch."""
+    sizes = set()
+    spy(monkeypatch, dgr.Replay, "inputs", lambda a, out: sizes.add(len(out)))
+    run_main(tmp_path, "--exp", "split", "--variants", "gr,er", "--budget", "replay_batch=24")
+    assert sizes == {24}
 
 
 def test_generator_learns_the_r_mix_of_real_and_old_samples(tmp_path, monkeypatch):
