@@ -1542,8 +1542,7 @@ class Checkpoint:
             return None
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-            fingerprint, state = saved["fingerprint"], saved["run"]
-            elapsed = float(saved["elapsed"])
+            fingerprint, state, elapsed = saved["fingerprint"], saved["run"], float(saved["elapsed"])
         except Exception as e:
             raise ValueError(f"checkpoint {self.path} is unreadable ({type(e).__name__})") from None
         if run_settings(fingerprint) != run_settings(self.fingerprint):
