@@ -17,7 +17,7 @@ Reuse the method: `from dgr import Scholar, Task, Replay, train_task` (importing
 Reading order. The method, standing alone: configuration and presets, data, models and the scholar, the two
 losses, the variants, the experiments, the training steps, train_task, learn. Below the `# Plumbing` banner,
 which the method never reaches into: the fused ops' loading, progress and expected time, checkpoints,
-running, figures and summaries, the command line.
+datasets on disk, running, figures and summaries, the command line.
 """
 from __future__ import annotations
 
@@ -169,7 +169,8 @@ QUICK.update({"split": Budget(**{**QUICK_COMMON, "gen_iters": 120, "solver_iters
 PRESETS = {"paper": PAPER, "fast": FAST, "quick": QUICK}
 
 # ------------------------------------------------------------------------------------------------------------
-# Data: torchvision datasets held as tensors on the training device, pixels in [-1, 1].
+# Data: a Task holds one task's inputs (pixels in [-1, 1]) and labels as tensors on the training device; the
+# experiments' tasks are made from datasets (x_train, y_train, x_test, y_test), loaded by the plumbing.
 
 
 @dataclass
@@ -203,78 +204,6 @@ class Task:
             raise ValueError(f"task {self.name!r} has no training inputs")
         if self.x_train.shape[1:] != self.x_test.shape[1:] or self.x_train.device != self.x_test.device:
             raise ValueError(f"task {self.name!r}: train and test inputs differ in shape or device")
-
-
-class DataError(Exception):
-    """A dataset missing and not downloadable, or a dataset file that is damaged: what and where."""
-
-
-# MNIST's raw files (as torchvision keeps them), each with its idx magic number and its number of items
-MNIST_FILES = {"train-images-idx3-ubyte": (2051, 60000), "train-labels-idx1-ubyte": (2049, 60000),
-               "t10k-images-idx3-ubyte": (2051, 10000), "t10k-labels-idx1-ubyte": (2049, 10000)}
-SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
-
-
-def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
-    """A torchvision dataset from `root`. Its files (`paths`) present: loaded, else a DataError saying that
-    they are damaged; missing: downloaded, else a DataError naming them (`folder`, the dataset's own, removed
-    if the failed download left it new and empty)."""
-    if all(os.path.exists(p) for p in paths):
-        try:
-            return cls(root, download=False, **kwargs)
-        except Exception as e:   # torchvision's checksum, a truncated or foreign file
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            raise DataError(f"{cls.__name__}'s {', '.join(paths)} cannot be read ({type(e).__name__}: "
-                            f"{reason}): damaged or incomplete; delete it to download it again") from None
-    existed = os.path.exists(folder)
-    try:
-        return cls(root, download=True, **kwargs)
-    except Exception as e:  # no network, server down, corrupt download
-        if not existed and not any(files for _, _, files in os.walk(folder)):
-            import shutil
-            shutil.rmtree(folder, ignore_errors=True)
-        where, files = os.path.abspath(os.path.dirname(paths[0])), ", ".join(map(os.path.abspath, paths))
-        raise DataError(f"{cls.__name__} is not in {where} and could not be downloaded ({type(e).__name__}). "
-                        f"Expected files: {files}. Set --data-dir or DGR_DATA.") from None
-
-
-def mnist_file_problem(path: str, magic: int, n: int) -> str | None:
-    """Why MNIST's raw file at `path` is not what it should be (its idx header and size), or None."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    size, want = os.path.getsize(path), (16 + 784 * n if magic == 2051 else 8 + n)
-    got = (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")) if len(head) == 8 else None
-    if got == (magic, n) and size == want:
-        return None
-    return (f"{path} is not MNIST's {os.path.basename(path)} (header {got}, {size} bytes; expected "
-            f"{(magic, n)}, {want} bytes): delete it to download it again")
-
-
-def load_mnist(data_dir: str, device, rgb32: bool = False):
-    """MNIST as (x_train, y_train, x_test, y_test); 28x28x1, or 32x32x3 (padded, channel repeated)."""
-    from torchvision.datasets import MNIST
-    paths = [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
-    if all(os.path.exists(p) for p in paths):
-        for path, kind in zip(paths, MNIST_FILES.values()):
-            if (why := mnist_file_problem(path, *kind)):
-                raise DataError(why)
-    out = []
-    for train in (True, False):
-        ds = open_dataset(MNIST, data_dir, paths, os.path.join(data_dir, "MNIST"), train=train)
-        x = ds.data.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
-        out += [F.pad(x, (2, 2, 2, 2), value=-1.0).repeat(1, 3, 1, 1) if rgb32 else x, ds.targets.to(device)]
-    return tuple(out)
-
-
-def load_svhn(data_dir: str, device):
-    """SVHN (cropped digits) as (x_train, y_train, x_test, y_test), 32x32x3, labels 0..9."""
-    from torchvision.datasets import SVHN
-    root, out = os.path.join(data_dir, "SVHN"), []
-    for split, file in SVHN_FILES.items():
-        ds = open_dataset(SVHN, root, [os.path.join(root, file)], root, split=split)
-        out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
-                torch.from_numpy(ds.labels).long().to(device)]
-    return tuple(out)
 
 
 def make_task(name, data, b: Budget, seed: int, head: int = 0, transform=None, classes=None) -> Task:
@@ -756,13 +685,6 @@ def task_trains(e: Experiment, v: Variant, i: int, b: Budget) -> tuple[bool, boo
     return solver, solver and v.generative and (i < e.n_tasks(b) - 1 or last)
 
 
-def load_data(e: Experiment, data_dir: str, device) -> dict:
-    """The datasets an experiment's tasks are made from, loaded once for all its runs."""
-    if not e.svhn:
-        return {"mnist": load_mnist(data_dir, device)}
-    return {"mnist": load_mnist(data_dir, device, rgb32=True), "svhn": load_svhn(data_dir, device)}
-
-
 # ------------------------------------------------------------------------------------------------------------
 # The training steps, and train_task: one task of Deep Generative Replay.
 
@@ -1188,8 +1110,9 @@ def run_one(e: Experiment, variant: str, seed: int, data: dict, b: Budget, **lea
 
 
 # ============================================================================================================
-# Plumbing: the fused ops' loading, progress and expected time, checkpoints, running, figures and summaries,
-# the command line. The method above uses none of it (the op loader reaches it through OPS["load"]).
+# Plumbing: the fused ops' loading, progress and expected time, checkpoints, datasets, running, figures
+# and summaries, the command line. The method above uses none of it (the op loader reaches it through
+# OPS["load"]).
 # ------------------------------------------------------------------------------------------------------------
 # The fused ops (csrc/): built by setup.py, or JIT-built on first use; on failure one warning, and the PyTorch
 # references serve (stylegan2-ada's custom ops do the same).
@@ -1545,8 +1468,8 @@ class Checkpoint:
             fingerprint, state, elapsed = saved["fingerprint"], saved["run"], float(saved["elapsed"])
         except Exception as e:
             raise ValueError(f"checkpoint {self.path} is unreadable ({type(e).__name__})") from None
-        if run_settings(fingerprint) != run_settings(self.fingerprint):
-            raise ValueError(f"checkpoint {self.path} {other_run(fingerprint, self.fingerprint)}")
+        if (why := run_mismatch(fingerprint, self.fingerprint)):
+            raise ValueError(f"checkpoint {self.path} {why}")
         if (why := self.fits(state)):
             raise ValueError(f"checkpoint {self.path} is unreadable ({why})")
         self.earlier, self.at = elapsed, (state["stage"], state["step"])
@@ -1573,18 +1496,21 @@ def state_problem(state, e: Experiment, variant: str, b: Budget) -> str | None:
     return None
 
 
-def other_run(saved: dict, fingerprint: dict) -> str:
-    """Why a saved result or checkpoint is not this run's: another version of dgr.py, or other settings."""
+def run_mismatch(saved: dict, fingerprint: dict) -> str | None:
+    """Why a saved result or checkpoint is not this run's (another version of dgr.py, or other settings that
+    bear on its numbers), or None if it is."""
     if not isinstance(saved, dict):
         return "is not a result of dgr.py"
     saved, fingerprint = run_settings(saved), run_settings(fingerprint)
+    if saved == fingerprint:
+        return None
     if set(saved) != set(fingerprint):
         missing, extra = sorted(set(fingerprint) - set(saved)), sorted(set(saved) - set(fingerprint))
         parts = (missing and "lack " + ", ".join(missing), extra and "have " + ", ".join(extra))
         return f"was written by another version of dgr.py (its settings {'; '.join(p for p in parts if p)})"
     differ = ", ".join(f"{k} {saved[k]!r} != {fingerprint[k]!r}" for k in sorted(saved)
                        if saved[k] != fingerprint[k])
-    return f"belongs to another run (differs in: {differ or 'nothing'})"
+    return f"belongs to another run (differs in: {differ})"
 
 
 GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_iters", "gen_batch", "gen_ema",
@@ -1751,6 +1677,90 @@ class ExperimentPlan:
     b: Budget
     folder: str
     runs: list[PlannedRun]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Datasets: torchvision's MNIST and SVHN from --data-dir, checked, downloaded where missing and possible,
+# held as tensors on the training device with pixels in [-1, 1]; the experiments make their tasks of them.
+
+
+class DataError(Exception):
+    """A dataset missing and not downloadable, or a dataset file that is damaged: what and where."""
+
+
+# MNIST's raw files (as torchvision keeps them), each with its idx magic number and its number of items
+MNIST_FILES = {"train-images-idx3-ubyte": (2051, 60000), "train-labels-idx1-ubyte": (2049, 60000),
+               "t10k-images-idx3-ubyte": (2051, 10000), "t10k-labels-idx1-ubyte": (2049, 10000)}
+SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+
+
+def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
+    """A torchvision dataset from `root`. Its files (`paths`) present: loaded, else a DataError saying that
+    they are damaged; missing: downloaded, else a DataError naming them (`folder`, the dataset's own, removed
+    if the failed download left it new and empty)."""
+    if all(os.path.exists(p) for p in paths):
+        try:
+            return cls(root, download=False, **kwargs)
+        except Exception as e:   # torchvision's checksum, a truncated or foreign file
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DataError(f"{cls.__name__}'s {', '.join(paths)} cannot be read ({type(e).__name__}: "
+                            f"{reason}): damaged or incomplete; delete it to download it again") from None
+    existed = os.path.exists(folder)
+    try:
+        return cls(root, download=True, **kwargs)
+    except Exception as e:  # no network, server down, corrupt download
+        if not existed and not any(files for _, _, files in os.walk(folder)):
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
+        where, files = os.path.abspath(os.path.dirname(paths[0])), ", ".join(map(os.path.abspath, paths))
+        raise DataError(f"{cls.__name__} is not in {where} and could not be downloaded ({type(e).__name__}). "
+                        f"Expected files: {files}. Set --data-dir or DGR_DATA.") from None
+
+
+def mnist_file_problem(path: str, magic: int, n: int) -> str | None:
+    """Why MNIST's raw file at `path` is not what it should be (its idx header and size), or None."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size, want = os.path.getsize(path), (16 + 784 * n if magic == 2051 else 8 + n)
+    got = (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")) if len(head) == 8 else None
+    if got == (magic, n) and size == want:
+        return None
+    return (f"{path} is not MNIST's {os.path.basename(path)} (header {got}, {size} bytes; expected "
+            f"{(magic, n)}, {want} bytes): delete it to download it again")
+
+
+def load_mnist(data_dir: str, device, rgb32: bool = False):
+    """MNIST as (x_train, y_train, x_test, y_test); 28x28x1, or 32x32x3 (padded, channel repeated)."""
+    from torchvision.datasets import MNIST
+    paths = [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
+    if all(os.path.exists(p) for p in paths):
+        for path, kind in zip(paths, MNIST_FILES.values()):
+            if (why := mnist_file_problem(path, *kind)):
+                raise DataError(why)
+    out = []
+    for train in (True, False):
+        ds = open_dataset(MNIST, data_dir, paths, os.path.join(data_dir, "MNIST"), train=train)
+        x = ds.data.to(device).float().div_(127.5).sub_(1.0).unsqueeze(1)
+        out += [F.pad(x, (2, 2, 2, 2), value=-1.0).repeat(1, 3, 1, 1) if rgb32 else x, ds.targets.to(device)]
+    return tuple(out)
+
+
+def load_svhn(data_dir: str, device):
+    """SVHN (cropped digits) as (x_train, y_train, x_test, y_test), 32x32x3, labels 0..9."""
+    from torchvision.datasets import SVHN
+    root, out = os.path.join(data_dir, "SVHN"), []
+    for split, file in SVHN_FILES.items():
+        ds = open_dataset(SVHN, root, [os.path.join(root, file)], root, split=split)
+        out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
+                torch.from_numpy(ds.labels).long().to(device)]
+    return tuple(out)
+
+
+def load_data(e: Experiment, data_dir: str, device) -> dict:
+    """The datasets an experiment's tasks are made from, loaded once for all its runs."""
+    if not e.svhn:
+        return {"mnist": load_mnist(data_dir, device)}
+    return {"mnist": load_mnist(data_dir, device, rgb32=True), "svhn": load_svhn(data_dir, device)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -2360,9 +2370,9 @@ def plan_experiment(exp: str, args: Args, b: Budget, folder: str, runs_on: dict)
                                      "--out") from None
             elif resume and done:
                 saved = saved_fingerprint(stem + ".json")
-                if run_settings(saved) != run_settings(fingerprint):
-                    raise UsageError(f"{stem}.json {other_run(saved, fingerprint)}; pass --overwrite to "
-                                     "replace it or choose another --out")
+                if (why := run_mismatch(saved, fingerprint)):
+                    raise UsageError(f"{stem}.json {why}; pass --overwrite to replace it or choose another "
+                                     "--out")
                 print(f"{stem}.json: finished earlier, kept", flush=True)
                 continue
             runs.append(PlannedRun(exp, variant, seed, stem, checkpoint))
