@@ -1499,7 +1499,7 @@ def state_problem(state, e: Experiment, variant: str, b: Budget) -> str | None:
     return None
 
 
-def run_mismatch(saved: dict, fingerprint: dict) -> str | None:
+def run_mismatch(saved, fingerprint: dict) -> str | None:
     """Why a saved result or checkpoint is not this run's (another version of dgr.py, or other settings that
     bear on its numbers), or None if it is."""
     if not isinstance(saved, dict):
