@@ -1720,26 +1720,30 @@ def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
                         f"Expected files: {files}. Set --data-dir or DGR_DATA.") from None
 
 
-def mnist_file_problem(path: str, magic: int, n: int) -> str | None:
-    """Why MNIST's raw file at `path` is not what it should be (its idx header and size), or None."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    size, want = os.path.getsize(path), (16 + 784 * n if magic == 2051 else 8 + n)
-    got = (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")) if len(head) == 8 else None
-    if got == (magic, n) and size == want:
-        return None
-    return (f"{path} is not MNIST's {os.path.basename(path)} (header {got}, {size} bytes; expected "
-            f"{(magic, n)}, {want} bytes): delete it to download it again")
+def mnist_paths(data_dir: str) -> list[str]:
+    return [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
+
+
+def mnist_files_problem(paths: list[str]) -> str | None:
+    """Why MNIST's raw files at `paths` (mnist_paths, all present) are not what they should be: the first
+    whose idx header or size is wrong, or None."""
+    for path, (magic, n) in zip(paths, MNIST_FILES.values()):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        size, want = os.path.getsize(path), (16 + 784 * n if magic == 2051 else 8 + n)
+        got = (int.from_bytes(head[:4], "big"), int.from_bytes(head[4:8], "big")) if len(head) == 8 else None
+        if got != (magic, n) or size != want:
+            return (f"{path} is not MNIST's {os.path.basename(path)} (header {got}, {size} bytes; expected "
+                    f"{(magic, n)}, {want} bytes): delete it to download it again")
+    return None
 
 
 def load_mnist(data_dir: str, device, rgb32: bool = False):
     """MNIST as (x_train, y_train, x_test, y_test); 28x28x1, or 32x32x3 (padded, channel repeated)."""
     from torchvision.datasets import MNIST
-    paths = [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
-    if all(os.path.exists(p) for p in paths):
-        for path, kind in zip(paths, MNIST_FILES.values()):
-            if (why := mnist_file_problem(path, *kind)):
-                raise DataError(why)
+    paths = mnist_paths(data_dir)
+    if all(os.path.exists(p) for p in paths) and (why := mnist_files_problem(paths)):
+        raise DataError(why)
     out = []
     for train in (True, False):
         ds = open_dataset(MNIST, data_dir, paths, os.path.join(data_dir, "MNIST"), train=train)
@@ -2506,15 +2510,13 @@ def run_processes(argv: list[str], args: Args, plans: dict[str, ExperimentPlan],
 def data_problem(exp: str, args: Args, download: bool = True) -> str | None:
     """Why the datasets of `exp` cannot be had, else None: not in --data-dir and not downloadable (with
     download=False nothing is fetched), or MNIST's files damaged (SVHN's are checked as they load)."""
-    needs = {"MNIST": [os.path.join(args.data_dir, "MNIST", "raw", f) for f in MNIST_FILES]}
+    needs = {"MNIST": mnist_paths(args.data_dir)}
     if EXPERIMENTS[exp].svhn:
         needs["SVHN"] = [os.path.join(args.data_dir, "SVHN", f) for f in SVHN_FILES.values()]
     for name, paths in needs.items():
         if all(os.path.exists(p) for p in paths):
-            bad = [why for p, (magic, n) in zip(paths, MNIST_FILES.values())
-                   if (why := mnist_file_problem(p, magic, n))] if name == "MNIST" else []
-            if bad:
-                return bad[0]
+            if name == "MNIST" and (why := mnist_files_problem(paths)):
+                return why
             continue
         if not download:
             return f"{name} is not in {os.path.abspath(os.path.dirname(paths[0]))}"
