@@ -1327,11 +1327,13 @@ class Progress:
     counts with its critic steps), the steps left times the seconds per step measured so far; a kind not yet
     seen uses its timed cost (step_costs), scaled by how far the kinds already measured strayed from theirs.
     So a GR run, whose generator steps cost far more than its solver steps, gets a right ETA from its first
-    generator progress line."""
+    generator progress line. The first step of each kind is left out of its time: it carries what happens
+    once (the run's setup, the fused ops' first build, a CUDA graph's capture)."""
 
     def __init__(self, label: str, plan: dict[str, int], cost: dict | None = None, clock=time.monotonic):
         self.label, self.clock, self.plan, self.cost = label, clock, collections.Counter(plan), cost or {}
-        self.done, self.seconds = collections.Counter(), collections.defaultdict(float)
+        self.done, self.timed = collections.Counter(), collections.Counter()
+        self.seconds = collections.defaultdict(float)
         self.last = self.mark = clock()
         self.mark_done = 0
 
@@ -1341,15 +1343,17 @@ class Progress:
 
     def advance(self, kind: str, n: int = 1) -> None:
         now = self.clock()
-        self.seconds[kind] += now - self.last
+        if self.done[kind]:
+            self.seconds[kind] += now - self.last
+            self.timed[kind] += n
         self.done[kind] += n
         self.last = now
 
     def eta(self) -> float:
-        seen = [k for k in self.done if self.done[k]]
-        timed = sum(self.done[k] * self.cost.get(k, 0.0) for k in seen)
-        scale = sum(self.seconds[k] for k in seen) / timed if timed > 0 else 1.0
-        per_step = {k: self.seconds[k] / self.done[k] if self.done[k] else self.cost.get(k, 0.0) * scale
+        seen = [k for k in self.timed if self.timed[k]]
+        expected = sum(self.timed[k] * self.cost.get(k, 0.0) for k in seen)
+        scale = sum(self.seconds[k] for k in seen) / expected if expected > 0 else 1.0
+        per_step = {k: self.seconds[k] / self.timed[k] if self.timed[k] else self.cost.get(k, 0.0) * scale
                     for k in self.plan}
         return sum(max(0, total - self.done[k]) * per_step[k] for k, total in self.plan.items())
 

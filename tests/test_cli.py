@@ -301,6 +301,29 @@ def test_eta_is_right_from_the_first_generator_line():
     assert abs(eta - left) / left < 0.25, (eta, left)
 
 
+def test_eta_leaves_out_what_happens_once():
+    """The first step of a run carries its setup (here 30 s: the fused ops' first build, say) and the first
+    generator step a one-time 5 s: the ETA at the first solver progress line is within 25 % of the time
+    left, and stays so at the first generator line, instead of scaling every kind by the setup's delay."""
+    b = dgr.FAST["permuted"]
+    plans = dgr.run_plan(dgr.EXPERIMENTS["permuted"], dgr.VARIANTS["gr"], b)
+    costs = {"solver": 0.007, "replay solver": 0.018, "generator": 0.049, "replay generator": 0.051,
+             "probe": 0.006}
+    once = {"solver": 30.0, "generator": 5.0}
+    clock, steps = FakeClock(), [kind for plan in plans for kind, n in plan.items() for _ in range(n)]
+    progress = dgr.Progress("sim", dgr.add_plans(plans), costs, clock=clock)
+    total = sum(costs[kind] for kind in steps) + sum(once.values())
+    checked = []
+    for i, kind in enumerate(steps):
+        clock.now += costs[kind] + (once.pop(kind, 0.0) if kind in once and kind not in progress.done else 0)
+        progress.advance(kind)
+        if (kind == "solver" and i + 1 == b.eval_every) or (kind == "generator" and len(checked) == 1):
+            checked.append((progress.eta(), total - clock.now))
+    assert len(checked) == 2
+    for eta, left in checked:
+        assert abs(eta - left) / left < 0.25, (eta, left)
+
+
 def test_a_resumed_run_is_timed_from_where_it_stands():
     """Resumed mid-task (task 2 of split GR, 20 generator steps in; task 2 of LwF, past its head warm-up),
     the expected time and the ETA count only the steps left, and the ETA reaches 0 at the run's end."""
