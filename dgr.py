@@ -1382,8 +1382,10 @@ class WriteFailed(RunStopped):
     """A file could not be written (a full disk, a read-only or lost mount): the earlier file is kept."""
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM (exit 128 + the signal's number); the message says what was saved."""
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM (exit 128 + the signal's number); the message says what was saved. Not an Exception,
+    as KeyboardInterrupt is not: the handlers that turn a failure into a fallback or a one-line error (a
+    failed build of the ops, an unreadable checkpoint or dataset) must not swallow a stop."""
 
     def __init__(self, signum: int, saved: str = ""):
         super().__init__(saved)
@@ -1566,8 +1568,6 @@ def replacing(path: str):
     except Exception as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, Interrupted):
-            raise
         reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [""])[-1][:200]
         raise WriteFailed(f"writing {path} failed ({type(e).__name__}: {reason})") from None
     except BaseException:

@@ -522,3 +522,29 @@ def test_repeated_variants_and_budgets_make_one_plan(tmp_path):
     assert proc.returncode == 0 and "split: 1 run(s) to do" in proc.stdout, proc.stdout + proc.stderr
     args = dgr.parse_args(["--exp", "split", "--preset", "quick", "--budget", "batch=32", "--budget", "test_limit=500"])
     assert (dgr.budget_for(args, "split").batch, dgr.budget_for(args, "split").test_limit) == (32, 500)
+
+
+def test_a_stop_during_setup_is_a_stop_not_a_fallback(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while the ops build, a dataset or a checkpoint loads stops the command (Interrupted,
+    exit 128 + signal) instead of being taken for a failure: no fallback to the PyTorch losses for the rest of
+    the run, no "damaged, delete it" for a good dataset, no "unreadable" for a good checkpoint."""
+    def stopped(*args, **kwargs):
+        raise dgr.Interrupted(signal.SIGTERM)
+
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(dgr, "EXTENSION_NAME", "dgr_ops_not_built_for_test")
+    monkeypatch.setitem(dgr.OPS, "loaded", None)
+    monkeypatch.setattr(cpp_extension, "load", stopped)
+    with pytest.raises(dgr.Interrupted):
+        dgr.load_extension()
+    assert dgr.OPS["loaded"] is None   # the next use tries again
+
+    present = tmp_path / "data.bin"
+    present.write_bytes(b"x")
+    with pytest.raises(dgr.Interrupted):
+        dgr.open_dataset(stopped, str(tmp_path), [str(present)], str(tmp_path))
+
+    torch.save({"fingerprint": {}, "run": {}, "elapsed": 0.0}, tmp_path / "run.pt")
+    monkeypatch.setattr(torch, "load", stopped)
+    with pytest.raises(dgr.Interrupted):
+        dgr.Checkpoint(str(tmp_path / "run.pt")).load()
