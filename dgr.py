@@ -930,9 +930,10 @@ def warm_up_head(s: Scholar, task: Task, b: Budget, callback=lambda phase, step,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        loss = loss.detach()
         if step == b.warmup_iters:
             check_losses({"warm-up": loss}, f"task {task.name} head warm-up")
-        callback("warm-up", step, {"warm-up": loss.detach()})
+        callback("warm-up", step, {"warm-up": loss})
 
 
 @torch.no_grad()
