@@ -315,7 +315,7 @@ def test_eta_leaves_out_what_happens_once():
     total = sum(costs[kind] for kind in steps) + sum(once.values())
     checked = []
     for i, kind in enumerate(steps):
-        clock.now += costs[kind] + (once.pop(kind, 0.0) if kind in once and kind not in progress.done else 0)
+        clock.now += costs[kind] + once.pop(kind, 0.0)   # a kind's one-time cost, on its first step only
         progress.advance(kind)
         if (kind == "solver" and i + 1 == b.eval_every) or (kind == "generator" and len(checked) == 1):
             checked.append((progress.eta(), total - clock.now))
