@@ -1716,10 +1716,12 @@ def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
     existed = os.path.exists(folder)
     try:
         return cls(root, download=True, **kwargs)
-    except Exception as e:  # no network, server down, corrupt download
+    except BaseException as e:  # no network, server down, corrupt download; or a stop (re-raised as it is)
         if not existed and not any(files for _, _, files in os.walk(folder)):
             import shutil
             shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(e, Exception):
+            raise
         where, files = os.path.abspath(os.path.dirname(paths[0])), ", ".join(map(os.path.abspath, paths))
         raise DataError(f"{cls.__name__} is not in {where} and could not be downloaded ({type(e).__name__}). "
                         f"Expected files: {files}. Set --data-dir or DGR_DATA.") from None
@@ -1727,6 +1729,10 @@ def open_dataset(cls, root: str, paths: list[str], folder: str, **kwargs):
 
 def mnist_paths(data_dir: str) -> list[str]:
     return [os.path.join(data_dir, "MNIST", "raw", f) for f in MNIST_FILES]
+
+
+def svhn_paths(data_dir: str) -> list[str]:
+    return [os.path.join(data_dir, "SVHN", f) for f in SVHN_FILES.values()]
 
 
 def mnist_files_problem(paths: list[str]) -> str | None:
@@ -1761,8 +1767,8 @@ def load_svhn(data_dir: str, device):
     """SVHN (cropped digits) as (x_train, y_train, x_test, y_test), 32x32x3, labels 0..9."""
     from torchvision.datasets import SVHN
     root, out = os.path.join(data_dir, "SVHN"), []
-    for split, file in SVHN_FILES.items():
-        ds = open_dataset(SVHN, root, [os.path.join(root, file)], root, split=split)
+    for split, path in zip(SVHN_FILES, svhn_paths(data_dir)):
+        ds = open_dataset(SVHN, root, [path], root, split=split)
         out += [torch.from_numpy(ds.data).to(device).float().div_(127.5).sub_(1.0),
                 torch.from_numpy(ds.labels).long().to(device)]
     return tuple(out)
@@ -2517,7 +2523,7 @@ def data_problem(exp: str, args: Args, download: bool = True) -> str | None:
     download=False nothing is fetched), or MNIST's files damaged (SVHN's are checked as they load)."""
     needs = {"MNIST": mnist_paths(args.data_dir)}
     if EXPERIMENTS[exp].svhn:
-        needs["SVHN"] = [os.path.join(args.data_dir, "SVHN", f) for f in SVHN_FILES.values()]
+        needs["SVHN"] = svhn_paths(args.data_dir)
     for name, paths in needs.items():
         if all(os.path.exists(p) for p in paths):
             if name == "MNIST" and (why := mnist_files_problem(paths)):

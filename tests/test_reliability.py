@@ -543,6 +543,10 @@ def test_a_stop_during_setup_is_a_stop_not_a_fallback(tmp_path, monkeypatch):
     present.write_bytes(b"x")
     with pytest.raises(dgr.Interrupted):
         dgr.open_dataset(stopped, str(tmp_path), [str(present)], str(tmp_path))
+    new = tmp_path / "new"   # stopped while downloading: the folder the download made is removed as on a failure
+    with pytest.raises(dgr.Interrupted):
+        dgr.open_dataset(lambda *a, **k: (new.mkdir(), stopped())[1], str(new), [str(new / "f")], str(new))
+    assert not new.exists()
 
     torch.save({"fingerprint": {}, "run": {}, "elapsed": 0.0}, tmp_path / "run.pt")
     monkeypatch.setattr(torch, "load", stopped)
