@@ -1261,22 +1261,33 @@ def run_seconds(e: Experiment, variant: str, b: Budget, costs: dict[str, float],
     plans = run_plan(e, VARIANTS[variant], b)
     left = collections.Counter(add_plans(plans))
     left.subtract(steps_done(plans, *at, b))
+    costs = costs_of(costs, e, variant)
     return sum(n * costs[kind] for kind, n in left.items() if n > 0)
 
 
-def step_costs(e: Experiment, b: Budget, device, generative: bool, graphs: bool = False, reps: int = 2):
-    """Seconds per step of each kind (STEP_KINDS), timed on random inputs after warm-up, each step run as
+def costs_of(costs: dict[str, float], e: Experiment, variant: str) -> dict[str, float]:
+    """The step costs of one variant's runs: its "replay solver" is the step timed with its own replay source
+    (a generator's samples cost far more than stored rows or noise)."""
+    own = costs.get(f"replay solver ({VARIANTS[variant].source(e.lwf)})")
+    return costs if own is None else {**costs, "replay solver": own}
+
+
+def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs: bool = False, reps: int = 2):
+    """Seconds per step of each kind (STEP_KINDS, with "replay solver (<source>)" for each replay source in
+    `sources`: costs_of picks a variant's), timed on random inputs after warm-up, each step run as
     train_task runs it (with graphs on CUDA a replayed graph, far cheaper than the eager step); the random
     streams of the caller are left as they were."""
+    generative = "generator" in sources
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         s = Scholar(e.shape, b, e.heads, with_generator=generative).to(device)
         opts = s.optimizers(b, graphs)
         x, y = torch.rand(256, *e.shape, device=device) * 2 - 1, torch.randint(10, (256,), device=device)
         task = Task("calibration", x, y, x, y)
-        replay = Replay("generator" if generative else "noise", s.frozen_copy())
-        steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch),
-                 "replay solver": lambda: solver_step(s, opts["solver"], task, replay, 0.5, b.batch,
-                                                      b.replay_batch)}
+        replays = {source: Replay(source, s.frozen_copy(), pool=[x]) for source in sources}
+        steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch)}
+        for source, replay in replays.items():
+            steps[f"replay solver ({source})"] = functools.partial(solver_step, s, opts["solver"], task, replay,
+                                                                   0.5, b.batch, b.replay_batch)
 
         def generator_iteration(rep):
             for _ in range(b.n_critic):
@@ -1287,7 +1298,7 @@ def step_costs(e: Experiment, b: Budget, device, generative: bool, graphs: bool 
         if generative:
             probe, probe_opt = fresh_probe(s, b)
             steps.update({"generator": lambda: generator_iteration(Replay()),
-                          "replay generator": lambda: generator_iteration(replay),
+                          "replay generator": lambda: generator_iteration(replays["generator"]),
                           "probe": lambda: probe_step(probe, probe_opt, s, b.batch)})
         graphed_on = device if graphs and device.type == "cuda" else None
         costs, warm_ups = {}, 4 if graphed_on else 1   # graphed: 3 eager calls, then the capture and a replay
@@ -1835,7 +1846,7 @@ def run_experiment(e: Experiment, args: Args, device, plan: ExperimentPlan, cost
             if state is not None:
                 where = position(state["stage"], state["step"], b, len(steps))
                 print(f"resuming from {checkpoint.path} at {where}", flush=True)
-            on_step = watch(label, steps, costs, b, checkpoint, stop)
+            on_step = watch(label, steps, costs_of(costs, e, run.variant), b, checkpoint, stop)
             with stop.during_run():
                 result = run_one(e, run.variant, run.seed, data, b, on_step=on_step, state=state, **learning)
             samples = result.pop("samples")
@@ -2461,7 +2472,8 @@ def announce(exp: str, plan: ExperimentPlan, device, graphs: bool) -> tuple[floa
     if not runs:
         print(f"{exp}: nothing to do", flush=True)
         return 0.0, {}
-    costs = step_costs(e, b, device, any(VARIANTS[run.variant].generative for run in runs), graphs)
+    sources = {VARIANTS[run.variant].source(e.lwf) for run in runs} - {"none"}
+    costs = step_costs(e, b, device, sorted(sources), graphs)
     seconds = sum(run_seconds(e, run.variant, b, costs, run.checkpoint.at) for run in runs)
     per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())
     resumed = sum(run.checkpoint.at != (0, 0) for run in runs)
