@@ -1286,8 +1286,8 @@ def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs:
         replays = {source: Replay(source, s.frozen_copy(), pool=[x]) for source in sources}
         steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch)}
         for source, replay in replays.items():
-            steps[f"replay solver ({source})"] = functools.partial(solver_step, s, opts["solver"], task, replay,
-                                                                   0.5, b.batch, b.replay_batch)
+            steps[f"replay solver ({source})"] = functools.partial(
+                solver_step, s, opts["solver"], task, replay, 0.5, b.batch, b.replay_batch)
 
         def generator_iteration(rep):
             for _ in range(b.n_critic):
