@@ -96,7 +96,9 @@ points = [points[k] for k in sorted(points, key=lambda k: f"{k[0]}/{points[k]['e
 paper = old.get("paper_preset_projected", {})
 for exp in ("split", "permuted"):
     if exp not in paper:
-        seconds, costs = dgr.expected_time(exp, dgr.PAPER[exp], ["gr"], dgr.torch.device("cpu"))
+        e, b = dgr.EXPERIMENTS[exp], dgr.PAPER[exp]
+        costs = dgr.step_costs(e, b, dgr.torch.device("cpu"))
+        seconds = dgr.run_seconds(e, "gr", b, costs)
         paper[exp] = {"minutes": seconds / 60, "step_costs_s": costs, "machine": dgr.machine_name(dgr.torch.device("cpu"))}
 about = {"about": old["about"]} if "about" in old else {}
 dgr.write_json("reference/frontier/frontier.json", {**about, "points": points, "paper_preset_projected": paper})
