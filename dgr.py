@@ -1274,9 +1274,9 @@ def costs_of(costs: dict[str, float], e: Experiment, variant: str) -> dict[str, 
 
 def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs: bool = False, reps: int = 2):
     """Seconds per step of each kind (STEP_KINDS, with "replay solver (<source>)" for each replay source in
-    `sources`: costs_of picks a variant's), timed on random inputs after warm-up, each step run as
-    train_task runs it (with graphs on CUDA a replayed graph, far cheaper than the eager step); the random
-    streams of the caller are left as they were."""
+    `sources` in place of "replay solver": costs_of picks a variant's), timed on random inputs after warm-up,
+    each step run as train_task runs it (with graphs on CUDA a replayed graph, far cheaper than the eager
+    step); the random streams of the caller are left as they were."""
     generative = "generator" in sources
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         s = Scholar(e.shape, b, e.heads, with_generator=generative).to(device)
