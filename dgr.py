@@ -1267,7 +1267,7 @@ def run_seconds(e: Experiment, variant: str, b: Budget, costs: dict[str, float],
 
 def costs_of(costs: dict[str, float], e: Experiment, variant: str) -> dict[str, float]:
     """The step costs of one variant's runs: its "replay solver" is the step timed with its own replay source
-    (a generator's samples cost far more than stored rows or noise)."""
+    (a generator's samples, stored rows, noise and the current inputs each cost differently)."""
     own = costs.get(f"replay solver ({VARIANTS[variant].source(e.lwf)})")
     return costs if own is None else {**costs, "replay solver": own}
 
@@ -1283,7 +1283,8 @@ def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs:
         opts = s.optimizers(b, graphs)
         x, y = torch.rand(256, *e.shape, device=device) * 2 - 1, torch.randint(10, (256,), device=device)
         task = Task("calibration", x, y, x, y)
-        replays = {source: Replay(source, s.frozen_copy(), pool=[x]) for source in sources}
+        old = s.frozen_copy()
+        replays = {source: Replay(source, old, pool=[x]) for source in sources}
         steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch)}
         for source, replay in replays.items():
             steps[f"replay solver ({source})"] = functools.partial(
