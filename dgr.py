@@ -538,6 +538,11 @@ class Variant:
     def replays(self, lwf: bool = False) -> bool:   # a task after the first has an old scholar to replay from
         return self.source(lwf) != "none"
 
+    def past(self, lwf: bool = False) -> str:
+        """What a solver step after the first task adds to the task's loss, which sets its cost: the replay
+        source, or EWC's penalty ("ewc"); "none" for plain fine-tuning."""
+        return "ewc" if self.ewc else self.source(lwf)
+
     def label(self, lwf: bool = False) -> str:
         return self.lwf_name if lwf else self.name
 
@@ -1226,7 +1231,7 @@ def run_plan(e: Experiment, v: Variant, b: Budget) -> list[dict[str, int]]:
     plans = []
     for i in range(e.n_tasks(b)):
         solver, generator = task_trains(e, v, i, b)
-        replay = "replay " if i > 0 and v.replays(e.lwf) else ""
+        replay = "replay " if i > 0 and v.past(e.lwf) != "none" else ""   # EWC's penalty counts as replay
         plan = {replay + "solver": b.solver_iters} if solver else {}
         if solver and replay and b.warmup_iters:
             plan["solver"] = b.warmup_iters
@@ -1267,16 +1272,17 @@ def run_seconds(e: Experiment, variant: str, b: Budget, costs: dict[str, float],
 
 def costs_of(costs: dict[str, float], e: Experiment, variant: str) -> dict[str, float]:
     """The step costs of one variant's runs: its "replay solver" is the step timed with its own replay source
-    (a generator's samples, stored rows, noise and the current inputs each cost differently)."""
-    own = costs.get(f"replay solver ({VARIANTS[variant].source(e.lwf)})")
+    (a generator's samples, stored rows, noise and the current inputs each cost differently) or EWC's penalty."""
+    own = costs.get(f"replay solver ({VARIANTS[variant].past(e.lwf)})")
     return costs if own is None else {**costs, "replay solver": own}
 
 
 def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs: bool = False, reps: int = 2):
-    """Seconds per step of each kind (STEP_KINDS, with "replay solver (<source>)" for each replay source in
-    `sources` in place of "replay solver": costs_of picks a variant's), timed on random inputs after warm-up,
-    each step run as train_task runs it (with graphs on CUDA a replayed graph, far cheaper than the eager
-    step); the random streams of the caller are left as they were."""
+    """Seconds per step of each kind (STEP_KINDS, with "replay solver (<source>)" for each replay source or
+    "ewc" in `sources` in place of "replay solver": costs_of picks a variant's), timed on random inputs after
+    warm-up, each step run as train_task runs it (with graphs on CUDA a replayed graph, far cheaper than the
+    eager step; stored rows drawn from half the experiment's tasks, the mean number of past tasks); the random
+    streams of the caller are left as they were."""
     generative = "generator" in sources
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         s = Scholar(e.shape, b, e.heads, with_generator=generative).to(device)
@@ -1284,7 +1290,11 @@ def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs:
         x, y = torch.rand(256, *e.shape, device=device) * 2 - 1, torch.randint(10, (256,), device=device)
         task = Task("calibration", x, y, x, y)
         old = s.frozen_copy()
-        replays = {source: Replay(source, old, pool=[x]) for source in sources}
+        ewc = {"fisher": [torch.ones_like(p) for p in s.solver.parameters()],
+               "anchor": [p.detach().clone() for p in s.solver.parameters()], "lam": b.ewc_lambda}
+        pool = [x] * max(1, e.n_tasks(b) // 2)
+        replays = {source: Replay(ewc=ewc) if source == "ewc" else Replay(source, old, pool=pool)
+                   for source in sources}
         steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch)}
         for source, replay in replays.items():
             steps[f"replay solver ({source})"] = functools.partial(
@@ -2473,7 +2483,7 @@ def announce(exp: str, plan: ExperimentPlan, device, graphs: bool) -> tuple[floa
     if not runs:
         print(f"{exp}: nothing to do", flush=True)
         return 0.0, {}
-    sources = {VARIANTS[run.variant].source(e.lwf) for run in runs} - {"none"}
+    sources = {VARIANTS[run.variant].past(e.lwf) for run in runs} - {"none"}
     costs = step_costs(e, b, device, sorted(sources), graphs)
     seconds = sum(run_seconds(e, run.variant, b, costs, run.checkpoint.at) for run in runs)
     per_step = ", ".join(f"{kind} {1e3 * c:.1f} ms" for kind, c in costs.items())

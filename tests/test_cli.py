@@ -327,12 +327,13 @@ def test_eta_leaves_out_what_happens_once():
 def test_each_variant_is_timed_with_its_own_replay():
     """One command's runs share the step costs timed before them, but a replay solver step costs what its
     replay costs: ER's stored rows and Noise's noise are not timed as GR's generator samples, and LwF's None
-    replays the current inputs."""
+    replays the current inputs; EWC's steps after its first task pay for its penalty."""
     costs = {"solver": 0.005, "replay solver (generator)": 0.030, "replay solver (stored)": 0.009,
-             "replay solver (noise)": 0.008, "replay solver (current)": 0.006, "generator": 1.10,
-             "replay generator": 1.40, "probe": 0.03}
+             "replay solver (noise)": 0.008, "replay solver (current)": 0.006, "replay solver (ewc)": 0.007,
+             "generator": 1.10, "replay generator": 1.40, "probe": 0.03}
     for exp, variant, source in (("split", "gr", "generator"), ("split", "er", "stored"),
-                                 ("split", "noise", "noise"), ("lwf", "none", "current"), ("lwf", "er", "stored")):
+                                 ("split", "noise", "noise"), ("lwf", "none", "current"), ("lwf", "er", "stored"),
+                                 ("split", "ewc", "ewc"), ("permuted", "ewc", "ewc")):
         e, b = dgr.EXPERIMENTS[exp], dgr.FAST[exp]
         plan = dgr.add_plans(dgr.run_plan(e, dgr.VARIANTS[variant], b))
         assert plan["replay solver"] > 0
@@ -341,6 +342,8 @@ def test_each_variant_is_timed_with_its_own_replay():
         assert dgr.run_seconds(e, variant, b, costs) == pytest.approx(seconds), (exp, variant)
     plan = dgr.add_plans(dgr.run_plan(dgr.EXPERIMENTS["split"], dgr.VARIANTS["none"], dgr.FAST["split"]))
     assert set(plan) == {"solver"}   # no replay, no replay cost needed
+    ewc = dgr.run_plan(dgr.EXPERIMENTS["split"], dgr.VARIANTS["ewc"], dgr.FAST["split"])
+    assert set(ewc[0]) == {"solver"} and all(set(plan) == {"replay solver"} for plan in ewc[1:])
 
 
 def test_a_resumed_run_is_timed_from_where_it_stands():

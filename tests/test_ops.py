@@ -392,7 +392,7 @@ def test_step_costs_run_the_steps_as_training_does(device, monkeypatch):
     """The ETA's first costs come from steps run as train_task runs them: with --graphs on, on CUDA,
     each step captured and its replays timed (eager costs made a graphed H100 run look 2.8x longer)."""
     b = dgr.Budget(n_critic=2, batch=16, gen_batch=8, width=8, hidden=16)
-    sources = ("generator", "stored", "noise", "current")
+    sources = ("generator", "stored", "noise", "current", "ewc")
     costs = dgr.step_costs(dgr.EXPERIMENTS["split"], b, torch.device(device), sources, graphs=True)
     kinds = set(dgr.STEP_KINDS) - {"replay solver"} | {f"replay solver ({source})" for source in sources}
     assert set(costs) == kinds and all(c > 0 for c in costs.values()), costs
