@@ -3,8 +3,8 @@
     python .ci/crash_map.py [--root DIR]     # DIR holds the dgr.py and dgr_ops build to test (default: .)
     python .ci/crash_map.py --code NAME      # print one case's program (for a debugger), run nothing
 
-On the lent H200 (2026-11-27) two of the CPU kernel's input checks segfaulted instead of raising, where
-one that names only a dtype raised. The cases differ in what their message streams (text only, a dtype,
+A build against a static libstdc++ can crash the process on a C++ throw instead of raising (the history
+is in reference/README.md, "The GPU check"). The cases differ in what their message streams (text only, a dtype,
 integers, sizes) and in where they throw (dgr_ops, or PyTorch itself as a control), so the map says
 which throws crash. Prints one line per case; exit 0 whatever it finds (.ci/gpu-check reads the lines).
 """

@@ -60,8 +60,8 @@ void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels
 // ||g_b||^2 of N rows at once (kRows, or 1 for each row of a last, partial group), accumulated in acc_t
 // (float for half types). Each row is summed in index order, as a one-row loop would: the result does not
 // depend on how rows are grouped. The rows are interleaved so that their additions overlap: one row's
-// chain of dependent additions waits on the adder's latency, kRows chains keep it busy (forward + backward
-// up to 2x faster on 2 x86-64 cores, bit for bit the same sums; reference/bench/penalty_cpu).
+// chain of dependent additions waits on the adder's latency, kRows chains keep it busy (bit for bit the same
+// sums; its speed-up is in reference/README.md, "The CPU penalty, rows interleaved").
 constexpr int64_t kRows = 8;
 
 template <int64_t N, typename acc_t, typename scalar_t>
