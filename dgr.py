@@ -78,6 +78,7 @@ class Budget:
     solver_schedule: str = "constant"   # solver lr within each task: constant, or cosine (decays to 0)
     gan_schedule: str = "constant"      # generator and critic lr within each task: constant, or cosine
     gen_ema: float = 0.0          # decay of the generator's weight average that is replayed (0: the weights)
+    gan_precision: str = "fp32"   # or bf16: the GAN's critic and generator steps under bf16 autocast
     ewc_lambda: float = 100.0     # online EWC penalty weight
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
     probe_iters: int = 1000       # steps of the fresh solver that measures each trained generator (0: none)
@@ -97,7 +98,7 @@ BUDGET_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Budget)}
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a word", tuple: "steps (a:b:...)"}
 BUDGET_CHOICES = {"gan": ("conv", "mlp"), "solver_schedule": ("constant", "cosine"),
                   "gan_schedule": ("constant", "cosine"), "chain_init": ("fresh", "previous"),
-                  "last_generator": ("train", "skip")}
+                  "last_generator": ("train", "skip"), "gan_precision": ("fp32", "bf16")}
 BUDGET_FRACTIONS = ("gen_ema", "dropout")   # in [0, 1); below: those that may be 0 (counts >= 1, rates > 0)
 BUDGET_MAY_BE_ZERO = ("replay_batch", "train_limit", "test_limit", "warmup_iters", "lam", "critic_lr",
                       "ewc_lambda", "probe_iters")
@@ -820,12 +821,8 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
     if not train_generator or s.generator is None:
         return
 
-    def gan_step():   # n_critic critic steps, then one generator step
-        for _ in range(b.n_critic):
-            real = generator_inputs(task, replay, r, b.gen_batch)
-            critic_loss = critic_step(s, opts["critic"], real, b.lam)
-        return {"critic": critic_loss, "generator": generator_step(s, opts["generator"], b.gen_batch)}
-    gan_step = graphed(gan_step, device)
+    gan_step = graphed(lambda: gan_iteration(s, opts, b, lambda: generator_inputs(task, replay, r, b.gen_batch)),
+                       device)
     for step in range(generator_done + 1, b.gen_iters + 1):
         if b.gan_schedule == "cosine":
             factor = cosine(step, b.gen_iters)
@@ -837,6 +834,17 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
         if step % generator_check_every(b) == 0 or step == b.gen_iters:
             check_losses(losses, f"task {task.name} generator step {step}")
         callback("generator", step, losses)
+
+
+def gan_iteration(s: Scholar, opts: dict, b: Budget, inputs: Callable[[], torch.Tensor]) -> dict:
+    """b.n_critic critic steps, each on a fresh batch inputs(), then one generator step; all under bf16
+    autocast if b.gan_precision asks (weights, Adam and the penalty's input gradient stay fp32)."""
+    device_type = next(s.generator.parameters()).device.type
+    bf16 = b.gan_precision == "bf16"   # no weight cache: a CUDA graph replays the casts with the weights
+    with torch.autocast(device_type, torch.bfloat16, enabled=bf16, cache_enabled=False):
+        for _ in range(b.n_critic):
+            critic_loss = critic_step(s, opts["critic"], inputs(), b.lam)
+        return {"critic": critic_loss, "generator": generator_step(s, opts["generator"], b.gen_batch)}
 
 
 def steps_in(at: int, b: Budget) -> tuple[int, int]:
@@ -1301,9 +1309,7 @@ def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs:
                 solver_step, s, opts["solver"], task, replay, 0.5, b.batch, b.replay_batch)
 
         def generator_iteration(rep):
-            for _ in range(b.n_critic):
-                critic_step(s, opts["critic"], generator_inputs(task, rep, 0.5, b.gen_batch), b.lam)
-            generator_step(s, opts["generator"], b.gen_batch)
+            gan_iteration(s, opts, b, lambda: generator_inputs(task, rep, 0.5, b.gen_batch))
             if s.generator_ema is not None:
                 s.average_generator(b.gen_ema, 2)
         if generative:
@@ -1546,10 +1552,11 @@ def run_mismatch(saved, fingerprint: dict) -> str | None:
 
 
 GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_iters", "gen_batch", "gen_ema",
-              "gan_schedule", "z_dim", "sample_at", "probe_iters", "last_generator")   # unused without one
+              "gan_schedule", "z_dim", "sample_at", "probe_iters", "last_generator",
+              "gan_precision")   # unused without one
 # Budget fields added after runs were saved, each with the value that does what dgr.py did before it: a saved
 # run without the field is the same run at that value. A new field joins only if such a value exists.
-ADDED_BUDGET_FIELDS = {"replay_batch": 0, "last_generator": "train"}
+ADDED_BUDGET_FIELDS = {"replay_batch": 0, "last_generator": "train", "gan_precision": "fp32"}
 
 
 def run_settings(fingerprint):

@@ -5,7 +5,8 @@
 Each loss forward + backward runs as the eager reference, torch.compile of the reference (not with
 --quick) and the fused op; each whole step (WGAN-GP critic step at width 64, and as a control the
 same step with its three inputs in one batch, as it was before; generator step; solver step with GR
-replay; each with its Adam step as dgr.py builds it) runs with impl torch and impl ext,
+replay; the critic and generator steps under bf16 autocast, a lever (--budget gan_precision=bf16); each
+with its Adam step as dgr.py builds it) runs with impl torch and impl ext,
 and on CUDA also captured as one CUDA graph (the GAN's convolutions channels_last, as dgr.py has them,
 then NCHW), with its kernels and their GPU time (profiler); Adam alone on the critic's weights
 runs as PyTorch's default, fused, and graphed. On CUDA the penalty is also timed as GPU time at 25M
@@ -187,9 +188,19 @@ def bench_steps(device, batches, reps: int, report) -> None:
                      "critic step, 3n rows in one batch (before)": lambda o: critic_step_one_batch(s, o["critic"], x, 10.0),
                      "generator step": lambda o: dgr.generator_step(s, o["generator"], n),   # no fused op: a control
                      "solver step": lambda o: dgr.solver_step(s, o["solver"], task, replay, 0.5, n)}
+            for step in ("critic step", "generator step"):
+                steps[f"{step}, bf16 autocast (lever)"] = in_bf16(steps[step], device)
             for step, run in steps.items():
                 report(time_step({"op": step, "shape": "x".join(map(str, shape)), "batch": n}, run, s, b, device, reps))
         bench_adam(s.critic, shape, device, reps, report)
+
+
+def in_bf16(run, device):
+    """run under bf16 autocast, as --budget gan_precision=bf16 runs the GAN's steps."""
+    def run_bf16(opts):
+        with torch.autocast(device.type, torch.bfloat16, cache_enabled=False):
+            return run(opts)
+    return run_bf16
 
 
 def time_step(row: dict, run, s: dgr.Scholar, b: dgr.Budget, device, reps: int) -> dict:

@@ -239,7 +239,8 @@ def test_a_result_from_before_a_new_budget_field_is_still_the_same_run(tmp_path)
     assert run_dgr(*argv).returncode == 0
     path = tmp_path / "split" / "er_seed0.json"
     res = json.loads(path.read_text())
-    del res["fingerprint"]["replay_batch"], res["fingerprint"]["last_generator"]   # as an older dgr.py had it
+    for added in ("replay_batch", "last_generator", "gan_precision"):   # as an older dgr.py had it
+        del res["fingerprint"][added]
     path.write_text(json.dumps(res))
     kept = f"{tmp_path / 'split' / 'er_seed0'}.json: finished earlier, kept"
     for budget, code in (("solver_iters=20", 0), ("solver_iters=20,gen_iters=7", 0),

@@ -341,6 +341,37 @@ def test_critic_step_is_the_wgan_gp_step_of_one_batch(mnist, gan):
     assert not torch.equal(weights(split.critic), weights(dgr.Scholar((1, 28, 28), b).critic))
 
 
+@pytest.mark.parametrize("gan", ["conv", "mlp"])
+def test_gan_precision_bf16_computes_the_gan_steps_in_bf16(mnist, gan):
+    """--budget gan_precision=bf16 (a GPU speed lever): the critic's and the generator's layers compute in
+    bf16 within gan_iteration, their weights and Adam's moments stay fp32, and three iterations train (finite
+    losses, moved weights) near where fp32 goes; the default fp32 computes in fp32."""
+    moved = {}
+    for precision in ("fp32", "bf16"):
+        b = dgr.Budget(gan=gan, width=16, gen_batch=16, n_critic=2, gan_precision=precision)
+        torch.manual_seed(0)
+        s = dgr.Scholar((1, 28, 28), b)
+        start = [weights(s.critic), weights(s.generator)]
+        opts = s.optimizers(b)
+        seen = set()
+        hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype)) for net in (s.critic, s.generator)
+                 for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        for step in range(3):
+            torch.manual_seed(step)
+            losses = dgr.gan_iteration(s, opts, b, lambda: mnist[0][:16])
+            assert all(torch.isfinite(loss) for loss in losses.values()), losses
+        for h in hooks:
+            h.remove()
+        assert seen == ({torch.bfloat16} if precision == "bf16" else {torch.float32}), seen
+        assert all(p.dtype == torch.float32 for p in s.parameters())
+        assert all(v.dtype == torch.float32 for opt in (opts["critic"], opts["generator"])
+                   for state in opt.state.values() for v in state.values() if v.is_floating_point())
+        moved[precision] = [weights(s.critic) - start[0], weights(s.generator) - start[1]]
+    for fp32, bf16 in zip(moved["fp32"], moved["bf16"]):
+        assert bf16.abs().sum() > 0 and not torch.equal(fp32, bf16)
+        assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.9   # the same steps, rounded
+
+
 def test_cpu_adam_is_torchs_default_adam_bit_for_bit(mnist):
     """dgr.adam on the CPU is torch's default Adam: its steps (an lr changed between them, as the cosine
     schedule does) equal the default's exactly, the arithmetic of the committed CPU results (the fused CPU
