@@ -821,8 +821,8 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
     if not train_generator or s.generator is None:
         return
 
-    gan_step = graphed(lambda: gan_iteration(s, opts, b, lambda: generator_inputs(task, replay, r, b.gen_batch)),
-                       device)
+    inputs = functools.partial(generator_inputs, task, replay, r, b.gen_batch)
+    gan_step = graphed(lambda: gan_iteration(s, opts, b, inputs), device)
     for step in range(generator_done + 1, b.gen_iters + 1):
         if b.gan_schedule == "cosine":
             factor = cosine(step, b.gen_iters)
@@ -837,13 +837,17 @@ def train_task(s: Scholar, opts: dict, task: Task, replay: Replay, r: float, b: 
 
 
 def gan_iteration(s: Scholar, opts: dict, b: Budget, inputs: Callable[[], torch.Tensor]) -> dict:
-    """b.n_critic critic steps, each on a fresh batch inputs(), then one generator step; all under bf16
-    autocast if b.gan_precision asks (weights, Adam and the penalty's input gradient stay fp32)."""
-    device_type = next(s.generator.parameters()).device.type
-    bf16 = b.gan_precision == "bf16"   # no weight cache: a CUDA graph replays the casts with the weights
-    with torch.autocast(device_type, torch.bfloat16, enabled=bf16, cache_enabled=False):
-        for _ in range(b.n_critic):
-            critic_loss = critic_step(s, opts["critic"], inputs(), b.lam)
+    """b.n_critic critic steps, each on a fresh batch inputs(), then one generator step; the steps under bf16
+    autocast if b.gan_precision asks (weights, Adam, the penalty's input gradient and the inputs, old samples
+    among them, stay fp32)."""
+    device_type, bf16 = next(s.generator.parameters()).device.type, b.gan_precision == "bf16"
+    # no weight cache: a CUDA graph replays the casts, which then read the weights as they are
+    precision = functools.partial(torch.autocast, device_type, torch.bfloat16, bf16, cache_enabled=False)
+    for _ in range(b.n_critic):
+        real = inputs()
+        with precision():
+            critic_loss = critic_step(s, opts["critic"], real, b.lam)
+    with precision():
         return {"critic": critic_loss, "generator": generator_step(s, opts["generator"], b.gen_batch)}
 
 
@@ -1241,7 +1245,7 @@ def run_plan(e: Experiment, v: Variant, b: Budget) -> list[dict[str, int]]:
         solver, generator = task_trains(e, v, i, b)
         replay = "replay " if i > 0 and v.past(e.lwf) != "none" else ""   # EWC's penalty counts as replay
         plan = {replay + "solver": b.solver_iters} if solver else {}
-        if solver and replay and b.warmup_iters:
+        if solver and replay and b.warmup_iters and v.replays(e.lwf):   # LwF's warm-up: a head for replay
             plan["solver"] = b.warmup_iters
         if generator:
             plan[replay + "generator"] = b.gen_iters
@@ -1280,7 +1284,8 @@ def run_seconds(e: Experiment, variant: str, b: Budget, costs: dict[str, float],
 
 def costs_of(costs: dict[str, float], e: Experiment, variant: str) -> dict[str, float]:
     """The step costs of one variant's runs: its "replay solver" is the step timed with its own replay source
-    (a generator's samples, stored rows, noise and the current inputs each cost differently) or EWC's penalty."""
+    (a generator's samples, stored rows, noise and the current inputs each cost differently) or with EWC's
+    penalty."""
     own = costs.get(f"replay solver ({VARIANTS[variant].past(e.lwf)})")
     return costs if own is None else {**costs, "replay solver": own}
 
@@ -1300,7 +1305,7 @@ def step_costs(e: Experiment, b: Budget, device, sources=("generator",), graphs:
         old = s.frozen_copy()
         ewc = {"fisher": [torch.ones_like(p) for p in s.solver.parameters()],
                "anchor": [p.detach().clone() for p in s.solver.parameters()], "lam": b.ewc_lambda}
-        pool = [x] * max(1, e.n_tasks(b) // 2)
+        pool = [x] * (1 if e.chain else max(1, e.n_tasks(b) // 2))   # a chain link stores only its own
         replays = {source: Replay(ewc=ewc) if source == "ewc" else Replay(source, old, pool=pool)
                    for source in sources}
         steps = {"solver": lambda: solver_step(s, opts["solver"], task, Replay(), 1.0, b.batch)}

