@@ -840,15 +840,19 @@ def gan_iteration(s: Scholar, opts: dict, b: Budget, inputs: Callable[[], torch.
     """b.n_critic critic steps, each on a fresh batch inputs(), then one generator step; the steps under bf16
     autocast if b.gan_precision asks (weights, Adam, the penalty's input gradient and the inputs, old samples
     among them, stay fp32)."""
-    device_type, bf16 = next(s.generator.parameters()).device.type, b.gan_precision == "bf16"
-    # no weight cache: a CUDA graph replays the casts, which then read the weights as they are
-    precision = functools.partial(torch.autocast, device_type, torch.bfloat16, bf16, cache_enabled=False)
+    device_type = next(s.generator.parameters()).device.type
     for _ in range(b.n_critic):
         real = inputs()
-        with precision():
+        with gan_autocast(b, device_type):
             critic_loss = critic_step(s, opts["critic"], real, b.lam)
-    with precision():
+    with gan_autocast(b, device_type):
         return {"critic": critic_loss, "generator": generator_step(s, opts["generator"], b.gen_batch)}
+
+
+def gan_autocast(b: Budget, device_type: str) -> torch.autocast:
+    """The context of the GAN's steps: bf16 autocast if b.gan_precision asks, else one that changes nothing.
+    No weight cache: a CUDA graph replays the casts, which then read the weights as they are."""
+    return torch.autocast(device_type, torch.bfloat16, b.gan_precision == "bf16", cache_enabled=False)
 
 
 def steps_in(at: int, b: Budget) -> tuple[int, int]:

@@ -4,8 +4,8 @@
     python .ci/crash_map.py --code NAME      # print one case's program (for a debugger), run nothing
 
 A build against a static libstdc++ can crash the process on a C++ throw instead of raising (the history
-is in reference/README.md, "The GPU check"). The cases differ in what their message streams (text only, a dtype,
-integers, sizes) and in where they throw (dgr_ops, or PyTorch itself as a control), so the map says
+is in reference/README.md, "The GPU check"). The cases differ in what their message streams (text only, a
+dtype, integers, sizes) and in where they throw (dgr_ops, or PyTorch itself as a control), so the map says
 which throws crash. Prints one line per case; exit 0 whatever it finds (.ci/gpu-check reads the lines).
 """
 import argparse

@@ -17,6 +17,7 @@ Prints a Markdown table row by row and writes <out>/bench/bench.json and bench.m
 """
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -189,16 +190,18 @@ def bench_steps(device, batches, reps: int, report) -> None:
                      "generator step": lambda o: dgr.generator_step(s, o["generator"], n),   # no fused op: a control
                      "solver step": lambda o: dgr.solver_step(s, o["solver"], task, replay, 0.5, n)}
             for step in ("critic step", "generator step"):
-                steps[f"{step}, bf16 autocast (lever)"] = in_bf16(steps[step], device)
+                steps[f"{step}, bf16 autocast (lever)"] = in_bf16(steps[step], b, device)
             for step, run in steps.items():
                 report(time_step({"op": step, "shape": "x".join(map(str, shape)), "batch": n}, run, s, b, device, reps))
         bench_adam(s.critic, shape, device, reps, report)
 
 
-def in_bf16(run, device):
-    """run under bf16 autocast, as --budget gan_precision=bf16 runs the GAN's steps."""
+def in_bf16(run, b: dgr.Budget, device):
+    """run as --budget gan_precision=bf16 runs the GAN's steps (dgr.gan_autocast)."""
+    bf16 = dataclasses.replace(b, gan_precision="bf16")
+
     def run_bf16(opts):
-        with torch.autocast(device.type, torch.bfloat16, cache_enabled=False):
+        with dgr.gan_autocast(bf16, device.type):
             return run(opts)
     return run_bf16
 

@@ -410,7 +410,8 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.load(open(tmp_path / "bench" / "bench.json"))["rows"]
     steps = ["critic step", "critic step, 3n rows in one batch (before)", "generator step", "solver step",
-             "critic step, bf16 autocast (lever)", "generator step, bf16 autocast (lever)", "Adam step (critic weights)"]
+             "critic step, bf16 autocast (lever)", "generator step, bf16 autocast (lever)",
+             "Adam step (critic weights)"]
     assert [r["op"] for r in rows] == steps + steps + ["gradient_penalty", "replay_loss", "gradient_penalty"]
     assert all(r["eager_ms"] > 0 for r in rows)
     assert all(r["fused_ms"] > 0 for r in rows if r["op"] in steps[:6])   # impl ext beside impl torch
