@@ -44,7 +44,8 @@ def default_arch_list() -> str:
 
 ext_modules = []
 if os.environ.get("DGR_NO_EXTENSION") != "1":
-    with_cuda = CUDA_HOME is not None and torch.version.cuda is not None and os.environ.get("DGR_NO_CUDA") != "1"
+    with_cuda = (CUDA_HOME is not None and torch.version.cuda is not None
+                 and os.environ.get("DGR_NO_CUDA") != "1")
     if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.device_count():
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_arch_list()
         with_cuda = bool(os.environ["TORCH_CUDA_ARCH_LIST"])

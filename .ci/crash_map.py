@@ -13,15 +13,18 @@ import os
 import subprocess
 import sys
 
-SETUP = "import torch, dgr; dgr.load_extension(required=True); x = torch.randn(4, 10); y = torch.zeros(4, dtype=torch.long)\n"
+SETUP = ("import torch, dgr; dgr.load_extension(required=True); x = torch.randn(4, 10); "
+         "y = torch.zeros(4, dtype=torch.long)\n")
 CASES = {   # name: (what the message streams, the call)
     "penalty of a 0-d tensor": ("text", "torch.ops.dgr.gradient_penalty(torch.tensor(1.0), 1.0)"),
     "penalty of int64": ("a dtype", "torch.ops.dgr.gradient_penalty(y.view(2, 2), 1.0)"),
     "replay, 10 vs 5 classes": ("integers", "torch.ops.dgr.replay_loss_fwd(x, y, x[:, :5], y, 0.5)"),
     "replay, 1-d logits": ("sizes", "torch.ops.dgr.replay_loss_fwd(x[0], y, x[0], y, 0.5)"),
-    "replay, 3 labels for 4 rows": ("integers, a dtype, sizes", "torch.ops.dgr.replay_loss_fwd(x, y[:3], x, y, 0.5)"),
+    "replay, 3 labels for 4 rows": ("integers, a dtype, sizes",
+                                    "torch.ops.dgr.replay_loss_fwd(x, y[:3], x, y, 0.5)"),
     "replay, 0 classes": ("text", "torch.ops.dgr.replay_loss_fwd(x[:, :0], y, x[:, :0], y, 0.5)"),
-    "replay, label 10 of 10 (in parallel_for)": ("integers", "torch.ops.dgr.replay_loss_fwd(x, y + 10, x[:0], y[:0], 1.0)"),
+    "replay, label 10 of 10 (in parallel_for)": (
+        "integers", "torch.ops.dgr.replay_loss_fwd(x, y + 10, x[:0], y[:0], 1.0)"),
     "control: PyTorch's own size check": ("sizes", "torch.zeros(3) + torch.zeros(4)"),
 }
 
@@ -37,8 +40,10 @@ def main() -> None:
     root = os.path.abspath(args.root)
     print(f"bad inputs, {root}:")
     for name, (streams, call) in CASES.items():
-        code = SETUP + f"try:\n    {call}\n    print('no error')\nexcept RuntimeError as e:\n    print('raised: ' + str(e).splitlines()[0][:90])\n"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+        code = SETUP + (f"try:\n    {call}\n    print('no error')\nexcept RuntimeError as e:\n"
+                        "    print('raised: ' + str(e).splitlines()[0][:90])\n")
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                              timeout=120)
         lines = (proc.stdout.strip() or proc.stderr.strip()).splitlines()
         said = lines[-1] if lines else ""
         outcome = said if proc.returncode == 0 else f"CRASHED (exit {proc.returncode}): {said}"

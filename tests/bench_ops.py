@@ -87,27 +87,34 @@ def bench_losses(device, batches, with_compile: bool, reps: int, report) -> None
         big = (8192,) if device.type == "cuda" and len(batches) > 1 and shape == (3, 32, 32) else ()
         for n in (*batches, *big):
             g = (torch.randn(n, *shape, device=device) * 0.03).requires_grad_(True)
-            lr, lp = torch.randn(n, 10, device=device, requires_grad=True), torch.randn(n, 10, device=device, requires_grad=True)
+            lr, lp = (torch.randn(n, 10, device=device, requires_grad=True),
+                      torch.randn(n, 10, device=device, requires_grad=True))
             y, t = torch.randint(10, (n,), device=device), torch.randn(n, 10, device=device).softmax(1)
-            cases = {"gradient_penalty": (lambda f: torch.autograd.grad(f(g, 10.0), g), dgr.gradient_penalty_ref,
+            cases = {"gradient_penalty": (lambda f: torch.autograd.grad(f(g, 10.0), g),
+                                          dgr.gradient_penalty_ref,
                                           lambda x, lam: torch.ops.dgr.gradient_penalty(x, lam)),
-                     "replay_loss": (lambda f: torch.autograd.grad(f(lr, y, lp, t, 0.5), (lr, lp)), dgr.replay_loss_ref,
+                     "replay_loss": (lambda f: torch.autograd.grad(f(lr, y, lp, t, 0.5), (lr, lp)),
+                                     dgr.replay_loss_ref,
                                      lambda *a: torch.ops.dgr.replay_loss_fwd(*a)[0])}
             for op, (run, ref, fused) in cases.items():
                 if op == "replay_loss" and shape != (1, 28, 28):
                     continue   # the replay loss sees logits only: one row per batch size
-                row = {"op": op, "shape": "x".join(map(str, shape)) if op == "gradient_penalty" else "10 classes",
+                row = {"op": op,
+                       "shape": "x".join(map(str, shape)) if op == "gradient_penalty" else "10 classes",
                        "batch": n, "eager_ms": time_ms(lambda: run(ref), device, reps)}
                 if with_compile:
-                    torch._dynamo.reset()   # a fresh compile per row, never the recompile limit's eager fallback
+                    # a fresh compile per row, never the recompile limit's eager fallback
+                    torch._dynamo.reset()
                     compiled = torch.compile(ref, dynamic=False)
                     row["compiled_ms"] = time_ms(lambda: run(compiled), device, reps)
                 row["fused_ms"] = time_ms(lambda: run(fused), device, reps)
-                if op == "gradient_penalty":   # fewest bytes: read g (forward), read g and write dg (backward)
+                # fewest bytes: read g (forward), read g and write dg (backward)
+                if op == "gradient_penalty":
                     row["fused_GBps"] = 3 * g.numel() * g.element_size() / (row["fused_ms"] * 1e6)
                 report(row)
                 if n in big and op == "gradient_penalty":
-                    bench_gpu_time(g, run, ref, compiled if with_compile else None, fused, device, reps, report)
+                    bench_gpu_time(g, run, ref, compiled if with_compile else None, fused, device, reps,
+                                   report)
 
 
 def bench_gpu_time(g, run, ref, compiled, fused, device, reps: int, report) -> None:
@@ -180,19 +187,23 @@ def bench_steps(device, batches, reps: int, report) -> None:
     b = dgr.Budget()
     for shape in ((1, 28, 28), (3, 32, 32)):
         s = dgr.Scholar(shape, b).to(device)
-        x_all, y_all = torch.rand(4096, *shape, device=device) * 2 - 1, torch.randint(10, (4096,), device=device)
+        x_all, y_all = (torch.rand(4096, *shape, device=device) * 2 - 1,
+                        torch.randint(10, (4096,), device=device))
         task = dgr.Task("bench", x_all, y_all, x_all[:1], y_all[:1])
         replay = dgr.Replay("generator", s.frozen_copy())
         for n in batches:
             x = task.x_train[:n]
             steps = {"critic step": lambda o: dgr.critic_step(s, o["critic"], x, 10.0),
-                     "critic step, 3n rows in one batch (before)": lambda o: critic_step_one_batch(s, o["critic"], x, 10.0),
-                     "generator step": lambda o: dgr.generator_step(s, o["generator"], n),   # no fused op: a control
+                     "critic step, 3n rows in one batch (before)":
+                         lambda o: critic_step_one_batch(s, o["critic"], x, 10.0),
+                     # no fused op: a control
+                     "generator step": lambda o: dgr.generator_step(s, o["generator"], n),
                      "solver step": lambda o: dgr.solver_step(s, o["solver"], task, replay, 0.5, n)}
             for step in ("critic step", "generator step"):
                 steps[f"{step}, bf16 autocast (lever)"] = in_bf16(steps[step], b, device)
             for step, run in steps.items():
-                report(time_step({"op": step, "shape": "x".join(map(str, shape)), "batch": n}, run, s, b, device, reps))
+                report(time_step({"op": step, "shape": "x".join(map(str, shape)), "batch": n}, run, s, b,
+                                 device, reps))
         bench_adam(s.critic, shape, device, reps, report)
 
 
@@ -218,7 +229,8 @@ def time_step(row: dict, run, s: dgr.Scholar, b: dgr.Budget, device, reps: int) 
             dgr.set_impl("auto")
     if device.type == "cuda":   # the layouts: the GAN's channels_last against NCHW (a cuDNN kernel that
         try:                     # converts between them can dominate a critic step; reference/README.md)
-            for key, layout in (("graphed_ms", torch.channels_last), ("graphed_nchw_ms", torch.contiguous_format)):
+            for key, layout in (("graphed_ms", torch.channels_last),
+                                ("graphed_nchw_ms", torch.contiguous_format)):
                 gan_layout(s, layout)
                 graph_opts = s.optimizers(b, graphs=True)
                 graphed = captured(lambda: run(graph_opts), device)
@@ -273,13 +285,16 @@ def bench_side_stream(device, batches, reps: int, report) -> None:
                     for _ in range(3):
                         step(twin, opt, x, 10.0)
                     moved.append(torch.cat([p.detach().flatten() for p in twin.critic.parameters()]))
-                print(f"side stream, {'x'.join(map(str, shape))} B = {n}: max |w - critic_step's w| after 3 steps "
+                print(f"side stream, {'x'.join(map(str, shape))} B = {n}: "
+                      "max |w - critic_step's w| after 3 steps "
                       f"{float((moved[0] - moved[1]).abs().max()):.3g}", flush=True)
                 report(time_step({"op": "critic step, interpolates on a side stream (lever)",
                                   "shape": "x".join(map(str, shape)), "batch": n},
-                                 lambda o: critic_step_side_stream(s, o["critic"], x, 10.0, side), s, b, device, reps))
+                                 lambda o: critic_step_side_stream(s, o["critic"], x, 10.0, side), s, b,
+                                 device, reps))
             except Exception as e:
-                print(f"side-stream critic step failed ({'x'.join(map(str, shape))}, B = {n}): {type(e).__name__}: {e}", flush=True)
+                print(f"side-stream critic step failed ({'x'.join(map(str, shape))}, B = {n}): "
+                      f"{type(e).__name__}: {e}", flush=True)
                 return
 
 
@@ -291,7 +306,8 @@ def bench_adam(critic, shape, device, reps: int, report) -> None:
     row = {"op": "Adam step (critic weights)", "shape": "x".join(map(str, shape)), "batch": "-",
            "eager_ms": time_ms(torch.optim.Adam(critic.parameters(), lr=1e-4).step, device, reps)}
     if device.type == "cuda":
-        row["fused_ms"] = time_ms(torch.optim.Adam(critic.parameters(), lr=1e-4, fused=True).step, device, reps)
+        row["fused_ms"] = time_ms(torch.optim.Adam(critic.parameters(), lr=1e-4, fused=True).step, device,
+                                  reps)
         graphed = captured(dgr.adam(critic, 1e-4, graphs=True).step, device)
         graphed()   # eager warm-up 1 of 3; time_ms warms up twice more and captures
         row["graphed_ms"] = time_ms(graphed, device, reps)
@@ -306,7 +322,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="batch 64 only, 5 repetitions, no torch.compile")
     parser.add_argument("--out", default="results", help="writes <out>/bench/bench.json and bench.md")
-    parser.add_argument("--reps", type=int, help="repetitions per row (default: 50 on CUDA, 10 on CPU, 5 --quick)")
+    parser.add_argument("--reps", type=int,
+                        help="repetitions per row (default: 50 on CUDA, 10 on CPU, 5 --quick)")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="what to time: whole steps, the two losses, the side-stream critic step (CUDA)")
     args = parser.parse_args()
@@ -320,21 +337,25 @@ def main() -> None:
     folder = os.path.join(args.out, "bench")
     os.makedirs(folder, exist_ok=True)
     header = [f"## Benchmark ({dgr.machine_name(device)}, torch {torch.__version__}, median of {reps})", "",
-              "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) | graphed ms (speed-up) "
-              "| graphed, NCHW ms (speed-up) | fused GB/s | kernels, GPU ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| what | input | batch | eager ms | compiled ms (speed-up) | fused ms (speed-up) "
+              "| graphed ms (speed-up) | graphed, NCHW ms (speed-up) | fused GB/s | kernels, GPU ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(header), flush=True)
     rows = []
 
     def report(r: dict) -> None:   # each row printed and the files rewritten as soon as it is timed
         cell = lambda key: f"{r[key]:.3f} ({r['eager_ms'] / r[key]:.2f}x)" if key in r else "n/a"
         line = (f"| {r['op']} | {r['shape']} | {r['batch']} | {r['eager_ms']:.3f} | {cell('compiled_ms')} | "
-                f"{cell('fused_ms')} | {cell('graphed_ms')} | {cell('graphed_nchw_ms')} | " + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " | "
+                f"{cell('fused_ms')} | {cell('graphed_ms')} | {cell('graphed_nchw_ms')} | "
+                + (f"{r['fused_GBps']:.1f}" if "fused_GBps" in r else "") + " | "
                 + (f"{r['kernels']:.0f}, {r['kernel_ms']:.3f}" if "kernels" in r else "") + " |")
         print(line, flush=True)
         rows.append((r, line))
-        dgr.write_json(os.path.join(folder, "bench.json"), {"machine": dgr.machine_name(device), "torch": torch.__version__,
+        dgr.write_json(os.path.join(folder, "bench.json"), {"machine": dgr.machine_name(device),
+                                                            "torch": torch.__version__,
                                                             "rows": [row for row, _ in rows]})
-        dgr.write_text(os.path.join(folder, "bench.md"), "\n".join(header + [line for _, line in rows]) + "\n")
+        dgr.write_text(os.path.join(folder, "bench.md"),
+                       "\n".join(header + [line for _, line in rows]) + "\n")
 
     if "steps" in parts:
         bench_steps(device, batches, reps, report)   # whole steps first: the goals of a GPU check

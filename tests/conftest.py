@@ -16,12 +16,15 @@ PATCHED = os.path.join(ROOT, "tests", "patched_dgr.py")
 
 def run_dgr(*args, data_dir=None, patches=(), timeout=600, script="dgr.py", threads=None):
     """Run the real CLI (or another script of the checkout) in a subprocess, through tests/patched_dgr.py
-    when `patches` are named, with `threads` CPU threads if given; return the CompletedProcess (text output)."""
+    when `patches` are named, with `threads` CPU threads if given; return the CompletedProcess (text
+    output)."""
     cmd = [sys.executable, PATCHED] if patches else [sys.executable, script]
-    env = {**os.environ, "DGR_DATA": data_dir or DATA, "PYTHONUNBUFFERED": "1", "DGR_TEST_PATCHES": ",".join(patches)}
+    env = {**os.environ, "DGR_DATA": data_dir or DATA, "PYTHONUNBUFFERED": "1",
+           "DGR_TEST_PATCHES": ",".join(patches)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 _mnist = {}

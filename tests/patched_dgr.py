@@ -26,7 +26,8 @@ def patch(name: str) -> None:
         SVHN._check_integrity = lambda self: True
     elif name == "offline":
         MNIST.mirrors = [REFUSED]
-        SVHN.split_list = {split: [REFUSED + file, file, md5] for split, (_, file, md5) in SVHN.split_list.items()}
+        SVHN.split_list = {split: [REFUSED + file, file, md5]
+                           for split, (_, file, md5) in SVHN.split_list.items()}
     elif name.startswith("kill-at="):
         stage, phase, step = name.split("=", 1)[1].split(":")
         target, save = f"task {int(stage) + 1}, {phase} step {step}", dgr.Checkpoint.save

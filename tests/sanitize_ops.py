@@ -19,18 +19,21 @@ def main() -> None:
     dgr.load_extension(required=True)
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         for name, g in (("B=5 D=784", torch.randn(5, 1, 28, 28)), ("B=3 D=785", torch.randn(3, 785)),
-                        ("misaligned", torch.randn(4 * 784 + 1)[1:].view(4, 784)), ("B=0", torch.randn(0, 784))):
+                        ("misaligned", torch.randn(4 * 784 + 1)[1:].view(4, 784)),
+                        ("B=0", torch.randn(0, 784))):
             g = g.cuda().to(dtype).requires_grad_(True)
             loss = torch.ops.dgr.gradient_penalty(g, 10.0)
             grad, = torch.autograd.grad(loss, g)
             torch.cuda.synchronize()
-            print(f"gradient_penalty {dtype} {name}: loss {float(loss):.4g}, |grad| {float(grad.abs().sum()):.4g}")
+            print(f"gradient_penalty {dtype} {name}: loss {float(loss):.4g}, "
+                  f"|grad| {float(grad.abs().sum()):.4g}")
         for classes in (10, 40):
             for soft in (False, True):
                 lr = torch.randn(6, classes, device="cuda", dtype=dtype, requires_grad=True)
                 lp = torch.randn(5, classes, device="cuda", dtype=dtype, requires_grad=True)
                 y = torch.randint(classes, (6,), device="cuda")
-                t = torch.randn(5, classes, device="cuda").softmax(1).to(dtype) if soft else torch.randint(classes, (5,), device="cuda")
+                t = (torch.randn(5, classes, device="cuda").softmax(1).to(dtype) if soft
+                     else torch.randint(classes, (5,), device="cuda"))
                 loss = torch.ops.dgr.replay_loss_fwd(lr, y, lp, t, 0.3)[0]
                 grads = torch.autograd.grad(loss, (lr, lp))
                 torch.cuda.synchronize()

@@ -14,7 +14,8 @@ import dgr
 from conftest import DATA, ROOT, require_mnist, run_dgr
 
 ALL_VARIANTS = ("gr", "er", "noise", "none")
-CPU_RUN = {"device": "cpu", "impl": dgr.impl_in_use(torch.device("cpu")), "graphs": False}   # a CLI run's runs_on here
+# a CLI run's runs_on here
+CPU_RUN = {"device": "cpu", "impl": dgr.impl_in_use(torch.device("cpu")), "graphs": False}
 
 
 def load_run(out, exp, variant, seed=0):
@@ -74,13 +75,15 @@ def test_each_trained_generator_is_measured(split_run):
     assert all(load_run(out, "split", v)["generators"] == [] for v in ("er", "noise", "none"))
     summary = open(os.path.join(out, "split", "summary.md")).read()
     assert "| variant | after task 1 | after task 2 | after task 3 | after task 4 | after task 5 |" in summary
-    assert f"| GR | {measured[0]['train_on_generated']:.2f} ({measured[0]['effective_classes']:.1f}) |" in summary
+    assert (f"| GR | {measured[0]['train_on_generated']:.2f} ({measured[0]['effective_classes']:.1f}) |"
+            in summary)
     assert proc.stdout.count("generator measured: a solver trained on its samples") == 5
 
 
 def test_split_gr_beats_none(split_run):
     """Class-incremental: without replay only the last task survives (~20 %); GR keeps old classes.
-    At the quick preset, seed 0, GR measured 68.8-71.5 % on two machines against None 19.3 % (reference/README.md)."""
+    At the quick preset, seed 0, GR measured 68.8-71.5 % on two machines against None 19.3 %
+    (reference/README.md)."""
     out, _ = split_run
     gr, none = load_run(out, "split", "gr")["final"]["avg"], load_run(out, "split", "none")["final"]["avg"]
     er = load_run(out, "split", "er")["final"]["avg"]
@@ -150,15 +153,17 @@ def test_bad_input_exits_2_with_message(argv, message, tmp_path):
 def test_device_index_beyond_the_machine_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(dgr.UsageError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+    with pytest.raises(dgr.UsageError,
+                       match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
         dgr.resolve_device("cuda:2")
     assert dgr.resolve_device("cuda:1") == torch.device("cuda:1")
 
 
 def test_missing_data_offline_names_folder_and_files(tmp_path):
-    """Downloads go to a port that refuses them (patched_dgr.py 'offline'): the same with or without internet."""
-    proc = run_dgr("--exp", "split", "--preset", "quick", "--out", str(tmp_path / "out"), data_dir=str(tmp_path / "empty"),
-                   patches=("offline",))
+    """Downloads go to a port that refuses them (patched_dgr.py 'offline'): the same with or without
+    internet."""
+    proc = run_dgr("--exp", "split", "--preset", "quick", "--out", str(tmp_path / "out"),
+                   data_dir=str(tmp_path / "empty"), patches=("offline",))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path / "empty") in proc.stderr and "train-images-idx3-ubyte" in proc.stderr
     assert not os.path.exists(tmp_path / "empty" / "MNIST")     # the failed download leaves nothing behind
@@ -167,8 +172,8 @@ def test_missing_data_offline_names_folder_and_files(tmp_path):
 def test_missing_svhn_names_its_files(tmp_path):
     require_mnist()
     os.symlink(os.path.join(DATA, "MNIST"), tmp_path / "MNIST")
-    proc = run_dgr("--exp", "lwf", "--preset", "quick", "--out", str(tmp_path / "out"), data_dir=str(tmp_path),
-                   patches=("offline",))
+    proc = run_dgr("--exp", "lwf", "--preset", "quick", "--out", str(tmp_path / "out"),
+                   data_dir=str(tmp_path), patches=("offline",))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "train_32x32.mat" in proc.stderr and str(tmp_path / "SVHN") in proc.stderr
     assert not os.path.exists(tmp_path / "SVHN")
@@ -177,7 +182,8 @@ def test_missing_svhn_names_its_files(tmp_path):
 def test_help_lists_every_option():
     proc = run_dgr("--help")
     assert proc.returncode == 0
-    for option in ("--exp", "--variants", "--preset", "--seeds", "--r", "--replay-targets", "--data-dir", "--out", "--device"):
+    for option in ("--exp", "--variants", "--preset", "--seeds", "--r", "--replay-targets", "--data-dir",
+                   "--out", "--device"):
         assert option in proc.stdout
     text = " ".join(proc.stdout.split())   # defaults that say something are shown, empty ones are not
     assert "(default: permuted)" in text and "(default: 0)" in text
@@ -186,7 +192,8 @@ def test_help_lists_every_option():
 
 def test_ewc_and_distill_variants_end_to_end(tmp_path):
     require_mnist()
-    proc = run_dgr("--exp", "permuted", "--preset", "quick", "--variants", "ewc,gr+distill", "--out", str(tmp_path))
+    proc = run_dgr("--exp", "permuted", "--preset", "quick", "--variants", "ewc,gr+distill", "--out",
+                   str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     check_outputs(str(tmp_path), "permuted", 3, variants=("ewc", "gr+distill"))
     assert load_run(str(tmp_path), "permuted", "gr+distill")["fingerprint"]["temperature"] == 2.0
@@ -194,7 +201,8 @@ def test_ewc_and_distill_variants_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--exp", "chain", "--variants", "ewc"], "variant ewc applies to permuted, split, not chain"),
-    (["--exp", "lwf", "--variants", "gr+distill"], "variant gr+distill applies to chain, permuted, mnist-svhn, svhn-mnist, split, not lwf"),
+    (["--exp", "lwf", "--variants", "gr+distill"],
+     "variant gr+distill applies to chain, permuted, mnist-svhn, svhn-mnist, split, not lwf"),
     (["--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_variant_misuse_exits_2(argv, message, tmp_path):
@@ -211,7 +219,8 @@ def test_unwritable_out_exits_2_before_loading_data(tmp_path, case):
         out, reason = str(tmp_path), "File exists"
     proc = run_dgr("--exp", "split", "--preset", "quick", "--out", out, data_dir=str(tmp_path / "no-data"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == f"dgr.py: error: cannot write results to {os.path.join(out, 'split')} ({reason}); choose another --out"
+    assert proc.stderr.strip() == (f"dgr.py: error: cannot write results to {os.path.join(out, 'split')} "
+                                   f"({reason}); choose another --out")
     assert not os.path.exists(tmp_path / "no-data")   # refused before any data was looked for
 
 
@@ -220,13 +229,14 @@ def test_result_of_an_older_version_is_named_so(tmp_path):
     argv = ["--exp", "split", "--preset", "quick", "--variants", "none", "--out", str(tmp_path)]
     folder = tmp_path / "split"
     folder.mkdir()
-    fingerprint = dgr.run_fingerprint("split", "none", 0, dgr.parse_args(argv), dgr.budget_for(dgr.parse_args(argv), "split"),
-                                      CPU_RUN)
+    fingerprint = dgr.run_fingerprint("split", "none", 0, dgr.parse_args(argv),
+                                      dgr.budget_for(dgr.parse_args(argv), "split"), CPU_RUN)
     del fingerprint["solver_lr"], fingerprint["dropout"]         # as an older dgr.py wrote it
     (folder / "none_seed0.json").write_text(json.dumps({"fingerprint": fingerprint}))
     proc = run_dgr(*argv, "--resume")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "none_seed0.json was written by another version of dgr.py (its settings lack dropout, solver_lr); " \
+    assert "none_seed0.json was written by another version of dgr.py " \
+           "(its settings lack dropout, solver_lr); " \
            "pass --overwrite to replace it or choose another --out" in proc.stderr
 
 
@@ -253,8 +263,8 @@ def test_a_result_from_before_a_new_budget_field_is_still_the_same_run(tmp_path)
 
 
 def test_estimate_prints_expected_time_and_runs_nothing(tmp_path):
-    proc = run_dgr("--exp", "all", "--preset", "quick", "--variants", "gr,none", "--out", str(tmp_path / "out"),
-                   "--estimate", data_dir=str(tmp_path / "no-data"))
+    proc = run_dgr("--exp", "all", "--preset", "quick", "--variants", "gr,none", "--out",
+                   str(tmp_path / "out"), "--estimate", data_dir=str(tmp_path / "no-data"))
     assert proc.returncode == 0, proc.stderr
     for exp in dgr.EXPERIMENTS:
         assert f"{exp}: 2 run(s) to do, expected about " in proc.stdout
@@ -295,7 +305,8 @@ def test_eta_is_right_from_the_first_generator_line():
     the ETA is within 25 % of the time left."""
     b = dgr.PAPER["split"]
     plans = dgr.run_plan(dgr.EXPERIMENTS["split"], dgr.VARIANTS["gr"], b)
-    recorded = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40, "probe": 0.03}
+    recorded = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40,
+                "probe": 0.03}
     calibrated = {"solver": 0.0035, "replay solver": 0.020, "generator": 0.80, "replay generator": 0.90,
                   "probe": 0.02}
     log_every = b.gen_iters // (b.solver_iters // b.eval_every)
@@ -334,7 +345,8 @@ def test_each_variant_is_timed_with_its_own_replay():
              "replay solver (noise)": 0.008, "replay solver (current)": 0.006, "replay solver (ewc)": 0.007,
              "generator": 1.10, "replay generator": 1.40, "probe": 0.03}
     for exp, variant, source in (("split", "gr", "generator"), ("split", "er", "stored"),
-                                 ("split", "noise", "noise"), ("lwf", "none", "current"), ("lwf", "er", "stored"),
+                                 ("split", "noise", "noise"), ("lwf", "none", "current"),
+                                 ("lwf", "er", "stored"),
                                  ("split", "ewc", "ewc"), ("permuted", "ewc", "ewc")):
         e, b = dgr.EXPERIMENTS[exp], dgr.FAST[exp]
         plan = dgr.add_plans(dgr.run_plan(e, dgr.VARIANTS[variant], b))
@@ -344,7 +356,8 @@ def test_each_variant_is_timed_with_its_own_replay():
         assert dgr.run_seconds(e, variant, b, costs) == pytest.approx(seconds), (exp, variant)
     plan = dgr.add_plans(dgr.run_plan(dgr.EXPERIMENTS["split"], dgr.VARIANTS["none"], dgr.FAST["split"]))
     assert set(plan) == {"solver"}   # no replay, no replay cost needed
-    b = dataclasses.replace(dgr.FAST["split"], warmup_iters=50)   # a head warm-up is LwF's replay's, not EWC's
+    # a head warm-up is LwF's replay's, not EWC's
+    b = dataclasses.replace(dgr.FAST["split"], warmup_iters=50)
     ewc = dgr.run_plan(dgr.EXPERIMENTS["split"], dgr.VARIANTS["ewc"], b)
     assert set(ewc[0]) == {"solver"} and all(plan == {"replay solver": b.solver_iters} for plan in ewc[1:])
 
@@ -352,8 +365,10 @@ def test_each_variant_is_timed_with_its_own_replay():
 def test_a_resumed_run_is_timed_from_where_it_stands():
     """Resumed mid-task (task 2 of split GR, 20 generator steps in; task 2 of LwF, past its head warm-up),
     the expected time and the ETA count only the steps left, and the ETA reaches 0 at the run's end."""
-    costs = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40, "probe": 0.03}
-    for exp, at, done_in_task in (("split", lambda b: (1, b.solver_iters + 20), {"replay solver": None, "replay generator": 20}),
+    costs = {"solver": 0.005, "replay solver": 0.030, "generator": 1.10, "replay generator": 1.40,
+             "probe": 0.03}
+    for exp, at, done_in_task in (("split", lambda b: (1, b.solver_iters + 20),
+                                   {"replay solver": None, "replay generator": 20}),
                                   ("lwf", lambda b: (1, 30), {"solver": None, "replay solver": 30})):
         b = dgr.PAPER[exp]
         plans = dgr.run_plan(dgr.EXPERIMENTS[exp], dgr.VARIANTS["gr"], b)
@@ -363,7 +378,8 @@ def test_a_resumed_run_is_timed_from_where_it_stands():
             expected[kind] = expected.get(kind, 0) + (plans[1][kind] if n is None else n)
         assert done == expected
         left = {kind: n - done.get(kind, 0) for kind, n in dgr.add_plans(plans).items()}
-        assert left.get("probe", 0) == (4 * b.probe_iters if exp == "split" else 0)   # measured at a task's end
+        # measured at a task's end
+        assert left.get("probe", 0) == (4 * b.probe_iters if exp == "split" else 0)
         seconds = sum(n * costs[kind] for kind, n in left.items())
         assert dgr.run_seconds(dgr.EXPERIMENTS[exp], "gr", b, costs, at(b)) == pytest.approx(seconds)
         assert seconds < dgr.run_seconds(dgr.EXPERIMENTS[exp], "gr", b, costs)
@@ -393,10 +409,11 @@ def test_a_job_array_shares_one_out(tmp_path):
     seed's result is the one a single run of both seeds gives, at the same thread count."""
     require_mnist()
     import subprocess
-    tiny = ["--exp", "split", "--preset", "quick", "--variants", "none", "--budget", "solver_iters=20,eval_every=10"]
+    tiny = ["--exp", "split", "--preset", "quick", "--variants", "none", "--budget",
+            "solver_iters=20,eval_every=10"]
     env = {**os.environ, "DGR_DATA": DATA, "OMP_NUM_THREADS": "1"}
-    jobs = [subprocess.Popen([sys.executable, "dgr.py", *tiny, "--seed-start", str(k), "--seeds", "1", "--out",
-                              str(tmp_path / "shared")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    jobs = [subprocess.Popen([sys.executable, "dgr.py", *tiny, "--seed-start", str(k), "--seeds", "1",
+                              "--out", str(tmp_path / "shared")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for k in (0, 1)]
     for job in jobs:
         out, err = job.communicate(timeout=600)
@@ -417,7 +434,8 @@ def test_jobs_run_variants_and_seeds_in_parallel_processes(tmp_path):
     run's result is the one a sequential run at that thread count gives (another thread count sums in
     another order: a different computation), and the summary counts them all."""
     require_mnist()
-    tiny = ["--exp", "split", "--preset", "quick", "--variants", "none,noise", "--budget", "solver_iters=20,eval_every=10", "--seeds", "2"]
+    tiny = ["--exp", "split", "--preset", "quick", "--variants", "none,noise", "--budget",
+            "solver_iters=20,eval_every=10", "--seeds", "2"]
     par = run_dgr(*tiny, "--jobs", "2", "--out", str(tmp_path / "par"), threads=2)
     seq = run_dgr(*tiny, "--out", str(tmp_path / "seq"), threads=1)
     assert par.returncode == 0 and seq.returncode == 0, par.stderr + seq.stderr
@@ -434,10 +452,12 @@ def test_jobs_run_variants_and_seeds_in_parallel_processes(tmp_path):
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_missing_svhn_is_named_up_front_and_the_mnist_experiments_run(tmp_path, jobs):
     """--exp all offline without SVHN (reproduce.sh's case here): before anything trains, one line names the
-    experiments that cannot run and why; the MNIST ones run and get their summaries; exit 3 says some did not."""
+    experiments that cannot run and why; the MNIST ones run and get their summaries; exit 3 says some did
+    not."""
     require_mnist()
     (tmp_path / "data").symlink_to(os.path.abspath(DATA))   # MNIST, no SVHN
-    proc = run_dgr("--exp", "all", "--preset", "quick", "--variants", "none,noise", "--budget", "solver_iters=10,eval_every=10", "--jobs", jobs, "--out", str(tmp_path / "out"),
+    proc = run_dgr("--exp", "all", "--preset", "quick", "--variants", "none,noise", "--budget",
+                   "solver_iters=10,eval_every=10", "--jobs", jobs, "--out", str(tmp_path / "out"),
                    data_dir=str(tmp_path / "data"), patches=("offline",))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     err = proc.stderr.splitlines()
@@ -451,9 +471,11 @@ def test_missing_svhn_is_named_up_front_and_the_mnist_experiments_run(tmp_path, 
 
 
 def test_jobs_runs_time_no_step_twice(tmp_path):
-    """--jobs: the step costs are timed once, by the process that plans, and each expected time printed once."""
+    """--jobs: the step costs are timed once, by the process that plans, and each expected time printed
+    once."""
     require_mnist()
-    proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "none,noise", "--budget", "solver_iters=10,eval_every=10", "--jobs", "2", "--out", str(tmp_path))
+    proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "none,noise", "--budget",
+                   "solver_iters=10,eval_every=10", "--jobs", "2", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("expected about") == 1 and proc.stdout.count("expected in all") == 1
     assert proc.stdout.count("## split") == 1 and "Warning" not in proc.stderr, proc.stdout + proc.stderr
@@ -473,7 +495,8 @@ def test_results_record_what_made_them(split_run):
     made = load_run(out, "split", "gr")["provenance"]
     assert made["torch"] == torch.__version__ and made["device"] == "cpu" and made["impl"] in ("ext", "torch")
     assert made["impl"] == ("ext" if dgr.use_extension(torch.empty(0)) else "torch")
-    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
     assert made["dgr_commit"] is None or made["dgr_commit"].startswith(head)
 
 
@@ -483,11 +506,13 @@ def fake_results(folder, variants=("gr", "none"), seeds=(0, 1, 2), preset="quick
         for seed in seeds:
             final = [90.0 + seed, 95.0] if v == "gr" else [0.0, 99.0]
             curves = [{"task": "0-1", "step": s, "acc": [99.0], "avg": 99.0, "loss": 0.1} for s in (2, 4)] + \
-                     [{"task": "2-3", "step": s, "acc": final, "avg": sum(final) / 2, "loss": 0.1} for s in (6, 8)]
+                     [{"task": "2-3", "step": s, "acc": final, "avg": sum(final) / 2, "loss": 0.1}
+                      for s in (6, 8)]
             with open(os.path.join(folder, f"{v}_seed{seed}.json"), "w") as f:
                 json.dump({"exp": "split", "variant": v, "name": dgr.VARIANTS[v].name, "seed": seed,
                            "tasks": ["0-1", "2-3"], "curves": curves, "acc_after_task": [[99.0], final],
-                           "final": {"acc": final, "avg": sum(final) / 2}, "wall_time_s": 1.0 + seed, "machine": "m",
+                           "final": {"acc": final, "avg": sum(final) / 2}, "wall_time_s": 1.0 + seed,
+                           "machine": "m",
                            "config": {"args": {"preset": preset}, "budget": {"solver_iters": 4}},
                            "fingerprint": {"exp": "split", "variant": v, "seed": seed, "preset": preset}}, f)
 
@@ -500,7 +525,8 @@ def test_accuracy_figure_explains_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(dgr, "save_figure", lambda fig, path: figures.append(fig) or path)
     dgr.summarize_folder(str(tmp_path))
     fig, = figures
-    assert fig._suptitle.get_text() == "Split MNIST, class-incremental (Fig. 6): quick preset, seeds 0-2 (mean ± sd over seeds)"
+    assert fig._suptitle.get_text() == ("Split MNIST, class-incremental (Fig. 6): quick preset, seeds 0-2 "
+                                        "(mean ± sd over seeds)")
     gr, none, avg, final = fig.axes
     assert gr.get_title() == "GR (3 seeds)" and len(gr.collections) == 2    # a band per task
     assert any(list(line.get_xdata()) == [4, 4] for line in gr.lines)     # the boundary after task 1
@@ -517,14 +543,16 @@ def test_sample_grids_label_their_rows(tmp_path, monkeypatch):
     dgr.save_sample_rows(*dgr.sample_figure("split GR seed 0", "tasks", rows), str(tmp_path / "s.png"))
     dgr.save_sample_rows(*dgr.sample_figure("mnist-svhn GR seed 0", "task2", rows), str(tmp_path / "t.png"))
     measured = [{"task": k, "train_on_generated": 90.0 + k, "effective_classes": 2.0 * k} for k in (1, 2)]
-    dgr.save_sample_rows(*dgr.sample_figure("chain GR seed 0", "links", rows, measured), str(tmp_path / "c.png"))
+    dgr.save_sample_rows(*dgr.sample_figure("chain GR seed 0", "links", rows, measured),
+                         str(tmp_path / "c.png"))
     tasks, steps, links = (fig.axes[0] for fig in figures)
     assert [t.get_text() for t in tasks.get_yticklabels()] == ["after task 1", "after task 2", "after task 3"]
     assert tasks.get_title() == "split GR seed 0: the generator's samples after each task"
     assert [t.get_text() for t in steps.get_yticklabels()] == ["step 1", "step 2", "step 3"]
-    assert [t.get_text() for t in links.get_yticklabels()] == ["link 1\n91.0 %, 2.0 cl.", "link 2\n92.0 %, 4.0 cl.",
-                                                               "link 3"]
-    assert links.get_title().endswith("\nby each row: a solver trained on its samples (test %), effective classes")
+    assert [t.get_text() for t in links.get_yticklabels()] == ["link 1\n91.0 %, 2.0 cl.",
+                                                               "link 2\n92.0 %, 4.0 cl.", "link 3"]
+    assert links.get_title().endswith("\nby each row: a solver trained on its samples (test %), "
+                                      "effective classes")
 
 
 def test_summary_is_mean_and_sd_over_seeds_and_plain_for_one(tmp_path):

@@ -1,7 +1,7 @@
 """The method through its library: the losses against hand computations, the tasks, the replay variants, the
-scholar on data of any shape; and its defining behaviours, pinned: each test spies on the real training code during a real run
-(in-process, real MNIST, tiny budgets) and fails on a plausible bug: a constant or off-by-one real-data
-share r, a chain link that sees real data, an old scholar that moves, targets that ignore
+scholar on data of any shape; and its defining behaviours, pinned: each test spies on the real training code
+during a real run (in-process, real MNIST, tiny budgets) and fails on a plausible bug: a constant or
+off-by-one real-data share r, a chain link that sees real data, an old scholar that moves, targets that ignore
 --replay-targets or the temperature, an EWC penalty left out, LwF heads mixed up, ER replaying only the
 last task, Adam moments carried across tasks."""
 import copy
@@ -60,10 +60,12 @@ def test_real_share_reaches_solver_and_generator_of_each_task(tmp_path, monkeypa
     """Task i (1-based) trains solver and generator with real share 1/i, or --r after the first task."""
     solver_r, gen_r = {}, {}
     spy(monkeypatch, dgr, "solver_step", lambda a, _: solver_r.setdefault(a["task"].name, set()).add(a["r"]))
-    spy(monkeypatch, dgr, "generator_inputs", lambda a, _: gen_r.setdefault(a["task"].name, set()).add(a["r"]))
+    spy(monkeypatch, dgr, "generator_inputs",
+        lambda a, _: gen_r.setdefault(a["task"].name, set()).add(a["r"]))
     run_main(tmp_path, "--exp", "split", "--variants", "gr", *(["--r", str(r)] if r is not None else []))
     names = [f"{a}-{b}" for a, b in dgr.SPLIT_CLASSES]
-    want = {name: {1.0 if i == 0 else (r if r is not None else 1.0 / (i + 1))} for i, name in enumerate(names)}
+    want = {name: {1.0 if i == 0 else (r if r is not None else 1.0 / (i + 1))}
+            for i, name in enumerate(names)}
     assert {k: v for k, v in solver_r.items() if k in names} == want
     assert {k: v for k, v in gen_r.items() if k in names} == want   # split trains the last generator too
 
@@ -106,7 +108,8 @@ def test_generator_learns_the_r_mix_of_real_and_old_samples(tmp_path, monkeypatc
     spy(monkeypatch, dgr, "generator_inputs", record)
     run_main(tmp_path, "--exp", "split", "--variants", "gr")
     n = dgr.QUICK["split"].gen_batch
-    assert seen == {name: {(round(n / (i + 1)), n)} for i, name in enumerate(f"{a}-{b}" for a, b in dgr.SPLIT_CLASSES)}
+    assert seen == {name: {(round(n / (i + 1)), n)}
+                    for i, name in enumerate(f"{a}-{b}" for a, b in dgr.SPLIT_CLASSES)}
 
 
 def test_chain_link_learns_only_from_the_previous_link(tmp_path, monkeypatch):
@@ -160,8 +163,10 @@ def test_chain_gr_passes_knowledge_down_the_links(tmp_path):
     from samples alone (seed 0 measured 87.1, 78.6, 75.3, 71.7, 67.8). The quick preset's width-8 conv
     GAN is too small: its links 2-5 sit at 10-20 %."""
     require_mnist()
-    assert dgr.main(["--out", str(tmp_path), "--data-dir", DATA, "--preset", "quick", "--exp", "chain", "--variants", "gr",
-                     "--budget", "gan=mlp,width=64,n_critic=3,gen_lr=1e-3,critic_lr=2e-3,gen_batch=64,gen_iters=300,solver_iters=300,eval_every=300"]) == 0
+    assert dgr.main(["--out", str(tmp_path), "--data-dir", DATA, "--preset", "quick", "--exp", "chain",
+                     "--variants", "gr", "--budget",
+                     "gan=mlp,width=64,n_critic=3,gen_lr=1e-3,critic_lr=2e-3,gen_batch=64,"
+                     "gen_iters=300,solver_iters=300,eval_every=300"]) == 0
     with open(os.path.join(tmp_path, "chain", "gr_seed0.json")) as f:
         accs = json.load(f)["final"]["acc"]
     assert accs[0] > 80 and min(accs[1:]) > 50, accs
@@ -232,7 +237,8 @@ def test_replay_targets_reach_the_solver(tmp_path, monkeypatch, argv, soft, temp
     training = lambda: task.get("name") not in (None, "calibration", "measuring")   # the ETA's timing steps
     spy(monkeypatch, dgr, "solver_step", None, before=lambda a: task.update(name=a["task"].name))   # and the
     spy(monkeypatch, dgr, "measure_generator", None, before=lambda a: task.update(name="measuring"))   # probe
-    spy(monkeypatch, dgr.Scholar, "label", lambda a, _: training() and labels.add((a["soft"], a["temperature"])))
+    spy(monkeypatch, dgr.Scholar, "label",
+        lambda a, _: training() and labels.add((a["soft"], a["temperature"])))
     spy(monkeypatch, dgr, "replay_loss", lambda a, _: training() and len(a["logits_replay"])
         and targets.add(a["targets_replay"].dtype.is_floating_point))
     run_main(tmp_path, "--exp", "permuted", *argv)
@@ -249,7 +255,8 @@ def test_ewc_penalty_is_in_the_loss_and_holds_important_weights(tmp_path, monkey
     # Fisher marks as important less than training without it
     torch.manual_seed(0)
     b = dgr.Budget(hidden=64, fisher_samples=200, ewc_lambda=1000.0)
-    tasks = dgr.permuted_tasks(mnist, dataclasses_replace(b, n_tasks=2, train_limit=2000, test_limit=10), seed=0)
+    tasks = dgr.permuted_tasks(mnist, dataclasses_replace(b, n_tasks=2, train_limit=2000, test_limit=10),
+                               seed=0)
     s = dgr.Scholar((1, 28, 28), b, with_generator=False)
     train(s, tasks[0], dgr.Replay(), 150)
     ewc = dgr.ewc_update(None, s.solver, tasks[0], b)
@@ -263,7 +270,8 @@ def test_ewc_penalty_is_in_the_loss_and_holds_important_weights(tmp_path, monkey
     assert drift["ewc"] < 0.5 * drift["none"], drift
 
 
-def test_lwf_warm_up_trains_only_the_new_head_and_each_task_uses_its_head(tmp_path, monkeypatch, svhn_data_dir):
+def test_lwf_warm_up_trains_only_the_new_head_and_each_task_uses_its_head(tmp_path, monkeypatch,
+                                                                          svhn_data_dir):
     from torchvision.datasets import SVHN
     monkeypatch.setattr(SVHN, "_check_integrity", lambda self: True)
     warmups, heads = [], set()
@@ -286,7 +294,8 @@ def test_lwf_warm_up_trains_only_the_new_head_and_each_task_uses_its_head(tmp_pa
 def test_er_replays_every_past_task(tmp_path, monkeypatch):
     pools = {}
     spy(monkeypatch, dgr, "solver_step",
-        lambda a, _: a["task"].name != "calibration" and pools.setdefault(a["task"].name, set()).add(len(a["replay"].pool)))
+        lambda a, _: a["task"].name != "calibration"
+        and pools.setdefault(a["task"].name, set()).add(len(a["replay"].pool)))
     run_main(tmp_path, "--exp", "split", "--variants", "er")
     assert pools == {"0-1": {0}, "2-3": {1}, "4-5": {2}, "6-7": {3}, "8-9": {4}}
 
@@ -296,7 +305,8 @@ def test_er_draws_past_tasks_evenly_and_their_inputs_uniformly(draw):
     """Both ER draws (by task on the CPU; in place, with no host synchronisation, on CUDA) give each past
     task 1/K of the rows and each input of a task the same chance, whatever the tasks' sizes."""
     sizes = (50, 200, 1000)
-    pool = [torch.stack([torch.full((1, 2, 2), 1000.0 * k + i) for i in range(m)]) for k, m in enumerate(sizes)]
+    pool = [torch.stack([torch.full((1, 2, 2), 1000.0 * k + i) for i in range(m)])
+            for k, m in enumerate(sizes)]
     torch.manual_seed(0)
     rows = getattr(dgr, draw)(pool, 30000)
     assert rows.shape == (30000, 1, 2, 2) and torch.equal(rows, rows[:, :1, :1, :1].expand_as(rows))
@@ -354,8 +364,9 @@ def test_gan_precision_bf16_computes_the_gan_steps_in_bf16(mnist, gan):
         start = [weights(s.critic), weights(s.generator)]
         opts = s.optimizers(b)
         seen = set()
-        hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype)) for net in (s.critic, s.generator)
-                 for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        hooks = [m.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+                 for net in (s.critic, s.generator) for m in net.modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
         for step in range(3):
             torch.manual_seed(step)
             losses = dgr.gan_iteration(s, opts, b, lambda: mnist[0][:16])
@@ -380,7 +391,8 @@ def test_cpu_adam_is_torchs_default_adam_bit_for_bit(mnist):
     torch.manual_seed(0)
     ours = dgr.Scholar((1, 28, 28), b)
     default = copy.deepcopy(ours)
-    opts = [dgr.adam(ours.critic, 2e-4, (0.5, 0.9)), torch.optim.Adam(default.critic.parameters(), 2e-4, (0.5, 0.9))]
+    opts = [dgr.adam(ours.critic, 2e-4, (0.5, 0.9)),
+            torch.optim.Adam(default.critic.parameters(), 2e-4, (0.5, 0.9))]
     for step in range(4):
         for s, opt in zip((ours, default), opts):
             dgr.set_lr(opt, 2e-4 * (4 - step) / 4)
@@ -394,8 +406,9 @@ def test_cpu_adam_is_torchs_default_adam_bit_for_bit(mnist):
 def test_lr_schedules_hold_within_each_task(mnist, monkeypatch, schedule):
     """solver_schedule and gan_schedule: each step's lr is the base lr times a half cosine over the task's
     steps (1 at its first step, near 0 at its last), restarting with each task; constant keeps it."""
-    b = dgr.Budget(solver_iters=6, gen_iters=4, n_critic=2, batch=16, gen_batch=8, gan="mlp", width=8, hidden=16,
-                   gen_lr=2e-4, critic_lr=4e-4, solver_lr=3e-4, solver_schedule=schedule, gan_schedule=schedule)
+    b = dgr.Budget(solver_iters=6, gen_iters=4, n_critic=2, batch=16, gen_batch=8, gan="mlp", width=8,
+                   hidden=16, gen_lr=2e-4, critic_lr=4e-4, solver_lr=3e-4, solver_schedule=schedule,
+                   gan_schedule=schedule)
     tasks = dgr.split_tasks(mnist, dataclasses_replace(b, train_limit=200, test_limit=50), seed=0)[:2]
     seen = {"solver": [], "critic": [], "generator": []}
     lr = lambda opt: float(opt.param_groups[0]["lr"])
@@ -408,7 +421,8 @@ def test_lr_schedules_hold_within_each_task(mnist, monkeypatch, schedule):
         replay = dgr.make_replay(dgr.VARIANTS["gr"], False, s.frozen_copy() if i else None, [], 0, None)
         dgr.train_task(s, opts, task, replay, 1.0 / (i + 1), b)
     factor = (lambda k, n: dgr.cosine(k, n)) if schedule == "cosine" else (lambda k, n: 1.0)
-    per_task = lambda lr0, n, repeat=1: [lr0 * factor(k, n) for k in range(1, n + 1) for _ in range(repeat)] * 2
+    per_task = lambda lr0, n, repeat=1: [lr0 * factor(k, n) for k in range(1, n + 1)
+                                         for _ in range(repeat)] * 2
     assert seen["solver"] == pytest.approx(per_task(3e-4, 6))
     assert seen["critic"] == pytest.approx(per_task(4e-4, 4, repeat=2))
     assert seen["generator"] == pytest.approx(per_task(2e-4, 4))
@@ -448,7 +462,8 @@ def test_readme_reuse_example_runs(mnist):
     text = open(os.path.join(ROOT, "README.md")).read()
     code = text.split("## Reusing the scholar")[1].split("```python")[1].split("```")[0]
     assert 'b = dgr.FAST["split"]' in code
-    code = code.replace('dgr.FAST["split"]', 'dgr.Budget(solver_iters=40, gen_iters=3, gan="mlp", width=8, hidden=32)')
+    code = code.replace('dgr.FAST["split"]',
+                        'dgr.Budget(solver_iters=40, gen_iters=3, gan="mlp", width=8, hidden=32)')
     printed = []
     my_tasks = dgr.split_tasks(mnist, dgr.Budget(train_limit=500, test_limit=200), seed=0)[:2]
     exec(code, {"my_tasks": my_tasks, "print": lambda *a: printed.append(a)})
@@ -463,8 +478,8 @@ def pattern_tasks(shape=(3, 16, 16), n_classes=4, n=400, seed=0):
     colour pattern of its own, at a random contrast, with pixel noise; inputs in [-1, 1]."""
     g = torch.Generator().manual_seed(seed)
     c, h, w = shape
-    templates = torch.nn.functional.interpolate(torch.rand(n_classes, c, 4, 4, generator=g) * 2 - 1, size=(h, w),
-                                                mode="bilinear", align_corners=False)
+    templates = torch.nn.functional.interpolate(torch.rand(n_classes, c, 4, 4, generator=g) * 2 - 1,
+                                                size=(h, w), mode="bilinear", align_corners=False)
 
     def draw(k, m):
         contrast = torch.rand(m, 1, 1, 1, generator=g) * 0.4 + 0.6
@@ -473,7 +488,8 @@ def pattern_tasks(shape=(3, 16, 16), n_classes=4, n=400, seed=0):
     for first in range(0, n_classes, 2):
         parts = [(draw(k, n), draw(k, n // 4), k) for k in (first, first + 1)]
         tasks.append(dgr.Task(f"{first}-{first + 1}", torch.cat([p[0] for p in parts]),
-                              torch.cat([torch.full((n,), k) for *_, k in parts]), torch.cat([p[1] for p in parts]),
+                              torch.cat([torch.full((n,), k) for *_, k in parts]),
+                              torch.cat([p[1] for p in parts]),
                               torch.cat([torch.full((n // 4,), k) for *_, k in parts])))
     return tasks
 
@@ -484,7 +500,8 @@ def learn_tasks(tasks, b, shape, n_classes, replay_kind):
     scholar = dgr.Scholar(shape, b, n_classes=n_classes)
     opts = scholar.optimizers(b)
     for i, task in enumerate(tasks):
-        replay = dgr.Replay() if i == 0 or replay_kind == "none" else dgr.Replay("generator", scholar.frozen_copy())
+        replay = (dgr.Replay() if i == 0 or replay_kind == "none"
+                  else dgr.Replay("generator", scholar.frozen_copy()))
         dgr.train_task(scholar, opts, task, replay, r=1 / (i + 1), b=b)
     return dgr.accuracy(scholar.solver, tasks)
 
@@ -523,12 +540,14 @@ def test_measuring_generators_changes_nothing_a_run_learns(mnist):
     """A split run with its generators measured learns exactly what it learns without: the same curves,
     accuracies and samples."""
     b = dgr.Budget(**{**dgr.QUICK_COMMON, "solver_iters": 30, "gen_iters": 10, "eval_every": 10})
-    runs = [dgr.run_one(dgr.EXPERIMENTS["split"], "gr", 0, {"mnist": mnist}, dataclasses_replace(b, probe_iters=k))
+    runs = [dgr.run_one(dgr.EXPERIMENTS["split"], "gr", 0, {"mnist": mnist},
+                        dataclasses_replace(b, probe_iters=k))
             for k in (0, 15)]
     assert runs[0]["generators"] == [] and [m["task"] for m in runs[1]["generators"]] == [1, 2, 3, 4, 5]
     for key in ("curves", "acc_after_task", "final"):
         assert runs[0][key] == runs[1][key]
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(runs[0]["samples"]["tasks"], runs[1]["samples"]["tasks"]))
+    assert all(torch.equal(x, y)
+               for (_, x), (_, y) in zip(runs[0]["samples"]["tasks"], runs[1]["samples"]["tasks"]))
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 16), (1, 9, 13), (2, 8, 8), (1, 28, 28), (3, 32, 32), (3, 64, 48)])
@@ -537,8 +556,8 @@ def test_scholar_fits_any_image_size_and_class_count(shape, gan):
     """Both GANs generate inputs of the scholar's shape and the critic scores them; the solver has the
     classes asked for; one task of each step kind trains."""
     torch.manual_seed(0)
-    b = dgr.Budget(solver_iters=2, gen_iters=2, n_critic=1, gan=gan, width=4, hidden=8, cnn_channels=4, batch=4,
-                   gen_batch=4)
+    b = dgr.Budget(solver_iters=2, gen_iters=2, n_critic=1, gan=gan, width=4, hidden=8, cnn_channels=4,
+                   batch=4, gen_batch=4)
     s = dgr.Scholar(shape, b, n_classes=7)
     x = s.sample(3)
     assert x.shape == (3, *shape) and x.abs().max() <= 1
@@ -555,15 +574,18 @@ def test_the_paper_shapes_keep_their_networks():
         s = dgr.Scholar(shape, b)
         assert s.generator.start == start
         convs = [m for m in s.critic if isinstance(m, torch.nn.Conv2d)]
-        assert [(m.out_channels, m.kernel_size[0]) for m in convs] == [(64, 4), (128, 4), (256, 3 if shape[1] == 28 else 4)]
+        assert [(m.out_channels, m.kernel_size[0]) for m in convs] == [(64, 4), (128, 4),
+                                                                       (256, 3 if shape[1] == 28 else 4)]
         assert s.critic[-1].in_features == 256 * 16
 
 
 def test_vectors_train_with_the_fully_connected_gan():
     torch.manual_seed(0)
-    b = dgr.Budget(solver_iters=3, gen_iters=2, n_critic=1, gan="mlp", width=8, hidden=8, batch=4, gen_batch=4)
+    b = dgr.Budget(solver_iters=3, gen_iters=2, n_critic=1, gan="mlp", width=8, hidden=8, batch=4,
+                   gen_batch=4)
     s = dgr.Scholar((20,), b, n_classes=3)
-    task = dgr.Task("v", torch.rand(12, 20) * 2 - 1, torch.arange(12) % 3, torch.rand(3, 20) * 2 - 1, torch.arange(3))
+    task = dgr.Task("v", torch.rand(12, 20) * 2 - 1, torch.arange(12) % 3, torch.rand(3, 20) * 2 - 1,
+                    torch.arange(3))
     dgr.train_task(s, s.optimizers(b), task, dgr.Replay("generator", s.frozen_copy()), 0.5, b)
     assert s.sample(2).shape == (2, 20)
     with pytest.raises(ValueError, match=r"the conv GAN needs images of shape \(C, H, W\), got \(20,\)"):
@@ -572,14 +594,17 @@ def test_vectors_train_with_the_fully_connected_gan():
 
 def bad_library_input(case):
     """Build what `case` names, with one thing wrong."""
-    b = dgr.Budget(solver_iters=2, gen_iters=1, n_critic=1, gan="mlp", width=4, hidden=8, batch=4, gen_batch=4)
+    b = dgr.Budget(solver_iters=2, gen_iters=1, n_critic=1, gan="mlp", width=4, hidden=8, batch=4,
+                   gen_batch=4)
     s = dgr.Scholar((1, 8, 8), b, n_classes=3)
     x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
     task = lambda **kw: dgr.Task(**{"name": "t", "x_train": x, "y_train": y, "x_test": x, "y_test": y, **kw})
     train = lambda t=None, replay=None, r=0.5, scholar=s, opts=None: dgr.train_task(
-        scholar, opts if opts is not None else scholar.optimizers(b), t or task(), replay or dgr.Replay(), r, b)
+        scholar, opts if opts is not None else scholar.optimizers(b), t or task(), replay or dgr.Replay(),
+        r, b)
     return {
-        "pixels in [0, 255]": lambda: task(x_train=torch.zeros_like(x).index_fill_(0, torch.tensor([1]), 255.0)),
+        "pixels in [0, 255]": lambda: task(
+            x_train=torch.zeros_like(x).index_fill_(0, torch.tensor([1]), 255.0)),
         "NaN input": lambda: task(x_train=x.clone().fill_(float("nan"))),
         "float labels": lambda: task(y_train=y.float()),
         "more labels than inputs": lambda: task(y_train=torch.cat([y, y])),
@@ -609,7 +634,8 @@ def bad_library_input(case):
     ("label beyond the classes", r"has label 3, the scholar's solver has 3 classes \(0..2\)"),
     ("another shape", r"has inputs of shape \(1, 7, 8\), the scholar was made for \(1, 8, 8\)"),
     ("float64 inputs", "is torch.float64 on cpu, the scholar torch.float32 on cpu"),
-    ("a replay source typo", "unknown replay source 'generatr': choose from generator, stored, noise, current, none"),
+    ("a replay source typo",
+     "unknown replay source 'generatr': choose from generator, stored, noise, current, none"),
     ("replay without the old scholar", "needs the previous scholar"),
     ("generator replay without a generator", "needs a previous scholar with a generator"),
     ("r out of range", r"r must lie in \[0, 1\], got 1.5"),
@@ -624,7 +650,7 @@ def test_the_library_refuses_what_does_not_fit_with_a_reason(case, message):
         bad_library_input(case)()
 
 
-# ---------------------------------------------------------------------------------------------- losses, tasks, variants
+# ------------------------------------------------------------------------------------ losses, tasks, variants
 
 def test_svhn_loader_reads_mat_format(svhn_data_dir, monkeypatch):
     from torchvision.datasets import SVHN
@@ -762,12 +788,14 @@ def test_solver_step_uses_old_solver_labels(old_scholar, mnist):
     for _ in range(150):
         dgr.solver_step(new, opt, task, replay, 0.0, 64)
     agree_true = float((new.label(task.x_test) == task.y_test).float().mean())
-    assert agree_old() > 0.75 and agree_true < 0.3, (agree_old(), agree_true)   # the old (untrained) solver's answers
+    # the old (untrained) solver's answers
+    assert agree_old() > 0.75 and agree_true < 0.3, (agree_old(), agree_true)
 
 
 def test_import_has_no_side_effects(tmp_path):
     proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import dgr; "
-                           "from dgr import Scholar, train_task"], cwd=tmp_path, capture_output=True, text=True)
+                           "from dgr import Scholar, train_task"], cwd=tmp_path, capture_output=True,
+                          text=True)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
     assert os.listdir(tmp_path) == []
 
@@ -825,12 +853,14 @@ def test_budget_overrides_reach_the_scholar():
     args = dgr.parse_args(["--exp", "split", "--preset", "paper",
                            "--budget", "gan=mlp,width=32,gen_lr=2e-4,critic_lr=4e-4,n_critic=3"])
     b = dgr.budget_for(args, "split")
-    assert (b.gan, b.width, b.gen_lr, b.critic_lr, b.n_critic, b.gen_iters) == ("mlp", 32, 2e-4, 4e-4, 3, 3000)
+    assert ((b.gan, b.width, b.gen_lr, b.critic_lr, b.n_critic, b.gen_iters)
+            == ("mlp", 32, 2e-4, 4e-4, 3, 3000))
     s = dgr.Scholar((1, 28, 28), b)
     assert isinstance(s.generator, dgr.MLPGenerator)
     assert [m.out_features for m in s.critic if isinstance(m, torch.nn.Linear)] == [64, 32, 1]
     opts = s.optimizers(b)
-    assert opts["generator"].param_groups[0]["lr"] == 2e-4 and opts["critic"].param_groups[0]["lr"] == 4e-4   # TTUR
+    # TTUR
+    assert opts["generator"].param_groups[0]["lr"] == 2e-4 and opts["critic"].param_groups[0]["lr"] == 4e-4
     assert s.sample(5).shape == (5, 1, 28, 28) and s.sample(5).abs().max() <= 1
     x = torch.rand(8, 1, 28, 28) * 2 - 1
     before = [p.clone() for p in s.critic.parameters()]
@@ -844,7 +874,8 @@ def test_budget_overrides_reach_the_scholar():
 
 def test_the_method_stands_above_the_plumbing():
     """dgr.py is read top down: above the line that begins `# Plumbing` the method uses no name defined below
-    it (what a reader copies out runs alone), lines stay within 110 characters, and no comment carries a date."""
+    it (what a reader copies out runs alone), lines stay within 110 characters, and no comment carries a
+    date."""
     import ast
     import re
     from conftest import ROOT
@@ -852,7 +883,8 @@ def test_the_method_stands_above_the_plumbing():
     lines = source.splitlines()
     banner = next(i for i, line in enumerate(lines, 1) if line.startswith("# Plumbing"))
     tree = ast.parse(source)
-    below = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno > banner}
+    below = {n.name for n in tree.body
+             if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.lineno > banner}
     below |= {t.id for n in tree.body if isinstance(n, ast.Assign) and n.lineno > banner
               for t in n.targets if isinstance(t, ast.Name)}
     used = {(node.id, node.lineno) for top in tree.body if top.lineno < banner for node in ast.walk(top)

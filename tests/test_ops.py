@@ -134,7 +134,8 @@ def test_replay_loss_matches_reference(device, soft, n_real, n_replay, classes):
         lr, y, lp, t = replay_inputs(device, n_real, n_replay, soft, dtype, classes)
         for r in (0.0, 0.25, 1.0):
             results = []
-            for impl, cast in (("ext", lambda z: z.detach().clone()), ("torch", lambda z: z.detach().double())):
+            for impl, cast in (("ext", lambda z: z.detach().clone()),
+                               ("torch", lambda z: z.detach().double())):
                 a, b = cast(lr).requires_grad_(True), cast(lp).requires_grad_(True)
                 loss = dgr.replay_loss(a, y, b, t.double() if soft and impl == "torch" else t, r, impl=impl)
                 grads = torch.autograd.grad(loss, (a, b), allow_unused=True, materialize_grads=True) \
@@ -149,7 +150,8 @@ def test_opcheck(device):
     from torch.library import opcheck
     g = torch.randn(8, 3, 32, 32, device=device, requires_grad=True)
     opcheck(torch.ops.dgr.gradient_penalty.default, (g, 10.0))
-    opcheck(torch.ops.dgr.gradient_penalty_backward.default, (torch.tensor(1.0, device=device), g.detach(), 10.0))
+    opcheck(torch.ops.dgr.gradient_penalty_backward.default,
+            (torch.tensor(1.0, device=device), g.detach(), 10.0))
     for soft in (False, True):
         lr, y, lp, t = replay_inputs(device, 16, 8, soft)
         opcheck(torch.ops.dgr.replay_loss_fwd.default, (lr.requires_grad_(), y, lp.requires_grad_(), t, 0.4))
@@ -161,7 +163,8 @@ def test_gradcheck_float64():
     for soft in (False, True):
         lr, y, lp, t = replay_inputs("cpu", 6, 5, soft, torch.float64)
         lr, lp = lr.detach().requires_grad_(), lp.detach().requires_grad_()
-        assert torch.autograd.gradcheck(lambda a, b: torch.ops.dgr.replay_loss_fwd(a, y, b, t, 0.3)[0], (lr, lp))
+        assert torch.autograd.gradcheck(lambda a, b: torch.ops.dgr.replay_loss_fwd(a, y, b, t, 0.3)[0],
+                                        (lr, lp))
 
 
 def test_bad_inputs_get_clear_messages():
@@ -191,15 +194,16 @@ def test_out_of_range_labels_stop_with_a_message(device):
     import sys
     code = ("import torch, dgr; dgr.load_extension(required=True); d = %r\n"
             "lr = torch.randn(4, 10, device=d); y = torch.tensor([0, 1, 2, 10], device=d)\n"
-            "torch.ops.dgr.replay_loss_fwd(lr, y, lr[:0], y[:0], 1.0); torch.cuda.synchronize() if d == 'cuda' else None\n"
+            "torch.ops.dgr.replay_loss_fwd(lr, y, lr[:0], y[:0], 1.0); "
+            "torch.cuda.synchronize() if d == 'cuda' else None\n"
             % device)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "out of range" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
-    """A compiler that links libstdc++ into the module statically, whatever -lstdc++ asks (some
-    GPU machines' GCC does), gives the module a copy of libstdc++ whose streams never format numbers: there every
+    """A compiler that links libstdc++ into the module statically, whatever -lstdc++ asks (some GPU machines'
+    GCC does), gives the module a copy of libstdc++ whose streams never format numbers: there every
     check whose message streamed a number crashed the process (here, on the CPU, the message stopped at the
     number). The checks build their messages without streams (dgr::message): built by such a compiler, the
     CPU kernels still raise, with the numbers."""
@@ -208,9 +212,11 @@ def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
     import sys
     for name in ("dgr.py", "setup.py", "csrc"):
         (shutil.copytree if name == "csrc" else shutil.copy)(os.path.join(ROOT, name), tmp_path / name)
-    static_gxx = tmp_path / "static-g++"   # links libstdc++ statically even if asked for -lstdc++; -O0 for speed
+    # links libstdc++ statically even if asked for -lstdc++; -O0 for speed
+    static_gxx = tmp_path / "static-g++"
     static_gxx.write_text(f"#!{sys.executable}\nimport os, re, sys\n"
-                          "args = [a for a in sys.argv[1:] if a != '-lstdc++' and not re.fullmatch('-O[0-9]', a)]\n"
+                          "args = [a for a in sys.argv[1:] if a != '-lstdc++' "
+                          "and not re.fullmatch('-O[0-9]', a)]\n"
                           "os.execvp('g++', ['g++', *args, '-O0', '-static-libstdc++'])\n")
     static_gxx.chmod(0o755)
     env = {**os.environ, "CXX": str(static_gxx), "CC": "gcc", "DGR_NO_CUDA": "1"}
@@ -220,7 +226,8 @@ def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
     module = next(tmp_path.glob("dgr_ops*.so"))
     assert "libstdc++" not in subprocess.run(["ldd", str(module)], capture_output=True, text=True).stdout
     code = ("import torch, dgr\n"
-            "import sys; assert dgr.load_extension(required=True) and sys.modules['dgr_ops'].__file__.startswith(%r)\n"
+            "import sys; assert dgr.load_extension(required=True) "
+            "and sys.modules['dgr_ops'].__file__.startswith(%r)\n"
             "x = torch.randn(4, 10); y = torch.zeros(4, dtype=torch.long)\n"
             "for call in [lambda: torch.ops.dgr.replay_loss_fwd(x, y, x[:, :5], y, 0.5),\n"
             "             lambda: torch.ops.dgr.replay_loss_fwd(x[0], y, x[0], y, 0.5),\n"
@@ -228,7 +235,8 @@ def test_messages_with_numbers_survive_a_static_libstdcxx(tmp_path):
             "             lambda: torch.ops.dgr.replay_loss_fwd(x, y + 10, x[:0], y[:0], 1.0)]:\n"
             "    try:\n        call()\n    except RuntimeError as e:\n        print(str(e).splitlines()[0])\n"
             % str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [
         "dgr::replay_loss: real and replayed logits have 10 and 5 classes",
@@ -309,7 +317,8 @@ def float64_default():
 
 
 @pytest.mark.parametrize("exp", ["chain", "permuted", "split", "mnist-svhn", "svhn-mnist", "lwf"])
-def test_experiments_train_the_same_model_with_ext_and_torch(exp, svhn_data_dir, monkeypatch, float64_default):
+def test_experiments_train_the_same_model_with_ext_and_torch(exp, svhn_data_dir, monkeypatch,
+                                                             float64_default):
     """Every experiment, short budgets, GR (both ops, generator included) and ER, in float64: the two
     implementations differ only by rounding (~1e-16), far below what training can amplify in a few
     dozen steps, so the curves agree to 1e-9 and the accuracies exactly on any machine. (In float32 the
@@ -320,9 +329,11 @@ def test_experiments_train_the_same_model_with_ext_and_torch(exp, svhn_data_dir,
     b = dgr.Budget(**{**dgr.QUICK_COMMON, "solver_iters": 30, "gen_iters": 4, "eval_every": 10, "n_tasks": 2,
                       "train_limit": 500, "test_limit": 300, "warmup_iters": 5 if exp == "lwf" else 0})
     data = {name: tuple(t.double() if t.is_floating_point() else t for t in tensors)
-            for name, tensors in dgr.load_data(dgr.EXPERIMENTS[exp], svhn_data_dir, torch.device("cpu")).items()}
+            for name, tensors in dgr.load_data(dgr.EXPERIMENTS[exp], svhn_data_dir,
+                                               torch.device("cpu")).items()}
     for variant in ("gr", "er"):
-        ext, ref = (run_with_impl(impl, dgr.run_one, dgr.EXPERIMENTS[exp], variant, 0, data, b) for impl in ("ext", "torch"))
+        ext, ref = (run_with_impl(impl, dgr.run_one, dgr.EXPERIMENTS[exp], variant, 0, data, b)
+                    for impl in ("ext", "torch"))
         assert len(ext["curves"]) == len(ref["curves"]) >= 6
         for ce, cr in zip(ext["curves"], ref["curves"]):
             assert ce["loss"] == pytest.approx(cr["loss"], rel=1e-9, abs=1e-12), (variant, ce, cr)
@@ -361,8 +372,8 @@ def test_graphed_training_equals_eager_training(device, source, gan, monkeypatch
     amplify (in float32, Adam turns the rounding of a near-zero gradient into an lr-sized step, and
     cuDNN's default algorithms are not deterministic). Both GANs: the DCGAN and the fully connected one
     (paper permuted's). On the CPU graphs=True runs eager steps."""
-    b = dgr.Budget(solver_iters=12, gen_iters=6, n_critic=2, batch=32, gen_batch=16, gan=gan, width=8, hidden=32,
-                   solver_schedule="cosine")
+    b = dgr.Budget(solver_iters=12, gen_iters=6, n_critic=2, batch=32, gen_batch=16, gan=gan, width=8,
+                   hidden=32, solver_schedule="cosine")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
 
@@ -373,8 +384,8 @@ def test_graphed_training_equals_eager_training(device, source, gan, monkeypatch
         task = dgr.Task("t", x, y, x[:8], y[:8])
         s = dgr.Scholar((1, 28, 28), b).to(device)
         replay = dgr.Replay(source, s.frozen_copy(), pool=[x[:100], x[100:]])
-        dgr.train_task(s, s.optimizers(b, graphs), task, replay, 0.5, b, train_generator=source == "generator",
-                       graphs=graphs)
+        dgr.train_task(s, s.optimizers(b, graphs), task, replay, 0.5, b,
+                       train_generator=source == "generator", graphs=graphs)
         return torch.cat([p.detach().flatten() for p in s.parameters()])
     eager, graphed = train(False), train(True)
     assert eager.dtype == torch.float64
@@ -389,8 +400,8 @@ def test_graphed_training_equals_eager_training(device, source, gan, monkeypatch
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_step_costs_run_the_steps_as_training_does(device, monkeypatch):
-    """The ETA's first costs come from steps run as train_task runs them: with --graphs on, on CUDA,
-    each step captured and its replays timed (eager costs made a graphed H100 run look 2.8x longer)."""
+    """The ETA's first costs come from steps run as train_task runs them: with --graphs on, on CUDA, each
+    step captured and its replays timed (eager costs, which a graphed run never pays, would inflate it)."""
     b = dgr.Budget(n_critic=2, batch=16, gen_batch=8, width=8, hidden=16)
     sources = ("generator", "stored", "noise", "current", "ewc")
     costs = dgr.step_costs(dgr.EXPERIMENTS["split"], b, torch.device(device), sources, graphs=True)
@@ -405,8 +416,9 @@ def test_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     import json
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bench_ops.py"), "--device", "cpu", "--quick",
-                           "--reps", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "bench_ops.py"), "--device", "cpu",
+                           "--quick", "--reps", "1", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.load(open(tmp_path / "bench" / "bench.json"))["rows"]
     steps = ["critic step", "critic step, 3n rows in one batch (before)", "generator step", "solver step",

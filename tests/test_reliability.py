@@ -11,14 +11,15 @@ import dgr
 from conftest import DATA, ROOT, require_mnist, run_dgr
 
 # a short GR split run: 5 tasks, generator trained on each; checkpoints every 10 steps
-SHORT = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--budget", "solver_iters=60,gen_iters=30,eval_every=20",
-         "--checkpoint-every", "10"]
+SHORT = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--budget",
+         "solver_iters=60,gen_iters=30,eval_every=20", "--checkpoint-every", "10"]
 
 
 def with_budget(argv: list[str], **fields) -> list[str]:
     """argv with the fields of its --budget changed or added."""
     i = argv.index("--budget") + 1
-    budget = {**dict(item.split("=") for item in argv[i].split(",")), **{k: str(v) for k, v in fields.items()}}
+    budget = {**dict(item.split("=") for item in argv[i].split(",")),
+              **{k: str(v) for k, v in fields.items()}}
     return [*argv[:i], ",".join(f"{k}={v}" for k, v in budget.items()), *argv[i + 1:]]
 
 
@@ -54,7 +55,8 @@ def test_same_seed_same_results(uninterrupted, tmp_path):
 
 
 # chain replaces its scholar at every link: resume must save and restore the current link's scholar
-CHAIN = ["--exp", "chain", "--preset", "quick", "--variants", "gr", "--budget", "solver_iters=60,gen_iters=20,eval_every=20", "--checkpoint-every", "10"]
+CHAIN = ["--exp", "chain", "--preset", "quick", "--variants", "gr", "--budget",
+         "solver_iters=60,gen_iters=20,eval_every=20", "--checkpoint-every", "10"]
 EWC = [*SHORT[:4], "--variants", "ewc", *SHORT[6:]]
 EMA = [*SHORT, "--budget", "gen_ema=0.9"]   # the generator's running average in the run state
 
@@ -113,8 +115,10 @@ def test_bad_checkpoint_is_refused_and_nothing_overwritten(tmp_path, damage, mes
         ckpt.write_bytes(b"\x00not a checkpoint")
         argv = SHORT
     else:
-        fingerprint = dgr.run_fingerprint("split", "gr", 0, dgr.parse_args(SHORT), dgr.budget_for(dgr.parse_args(SHORT), "split"),
-                                          {"device": "cpu", "impl": dgr.impl_in_use(torch.device("cpu")), "graphs": False})
+        fingerprint = dgr.run_fingerprint("split", "gr", 0, dgr.parse_args(SHORT),
+                                          dgr.budget_for(dgr.parse_args(SHORT), "split"),
+                                          {"device": "cpu", "impl": dgr.impl_in_use(torch.device("cpu")),
+                                           "graphs": False})
         b = dgr.budget_for(dgr.parse_args(SHORT), "split")
         s = dgr.Scholar((1, 28, 28), b)
         dgr.Checkpoint(str(ckpt), 10, fingerprint).save(dgr.Run(s, s.optimizers(b)), b)
@@ -129,7 +133,8 @@ def test_existing_results_need_overwrite(uninterrupted, tmp_path):
     out = str(tmp_path / "copy")
     shutil.copytree(uninterrupted, out)
     refused = run_dgr(*SHORT, "--out", out)
-    assert refused.returncode == 2 and "already holds results" in refused.stderr and "--overwrite" in refused.stderr
+    assert (refused.returncode == 2 and "already holds results" in refused.stderr
+            and "--overwrite" in refused.stderr)
     replaced = run_dgr(*with_budget(SHORT, solver_iters=40), "--out", out, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert results_of(out)["fingerprint"]["solver_iters"] == 40
@@ -160,25 +165,31 @@ def saved_position(path):
 def test_non_finite_loss_stops_the_run_with_a_message(tmp_path, monkeypatch, capsys):
     require_mnist()
     nan_after(monkeypatch, "replay_loss_ref", 15)     # solver steps 1-15 fine, a checkpoint at step 10
-    code = dgr.main([*SHORT, "--variants", "er", "--impl", "torch", "--out", str(tmp_path), "--data-dir", DATA])
+    code = dgr.main([*SHORT, "--variants", "er", "--impl", "torch", "--out", str(tmp_path),
+                     "--data-dir", DATA])
     err = capsys.readouterr().err
     assert code == 3
     assert "split ER seed 0: non-finite solver loss (nan) at task 0-1 solver step 20" in err
-    assert "the last checkpoint is " + str(tmp_path / "split" / "er_seed0.ckpt") in err and "--detect-anomaly" in err
+    assert ("the last checkpoint is " + str(tmp_path / "split" / "er_seed0.ckpt") in err
+            and "--detect-anomaly" in err)
     assert not os.path.exists(tmp_path / "split" / "er_seed0.json")     # no result from a poisoned run
     assert saved_position(tmp_path / "split" / "er_seed0.ckpt") == "task 1, solver step 10"
 
 
 @pytest.mark.parametrize("phase,poisoned,variant,argv", [
-    ("solver", "replay_loss_ref", "er", with_budget(SHORT, eval_every=60)),      # losses checked at step 60 only
-    ("generator", "gradient_penalty_ref", "gr", with_budget(SHORT, eval_every=60)),   # 3 critic steps per generator step
+    # losses checked at step 60 only
+    ("solver", "replay_loss_ref", "er", with_budget(SHORT, eval_every=60)),
+    # 3 critic steps per generator step
+    ("generator", "gradient_penalty_ref", "gr", with_budget(SHORT, eval_every=60)),
 ])
-def test_no_checkpoint_holds_non_finite_weights(tmp_path, monkeypatch, capsys, phase, poisoned, variant, argv):
+def test_no_checkpoint_holds_non_finite_weights(tmp_path, monkeypatch, capsys, phase, poisoned, variant,
+                                                argv):
     """Weights turn NaN between two checkpoints and before any loss check: the save at step 20 refuses
     them and the checkpoint of step 10 stays, finite."""
     require_mnist()
     nan_after(monkeypatch, poisoned, 15 if phase == "solver" else 3 * 12)
-    code = dgr.main([*argv, "--variants", variant, "--impl", "torch", "--out", str(tmp_path), "--data-dir", DATA])
+    code = dgr.main([*argv, "--variants", variant, "--impl", "torch", "--out", str(tmp_path),
+                     "--data-dir", DATA])
     err = capsys.readouterr().err
     ckpt = tmp_path / "split" / f"{variant}_seed0.ckpt"
     assert code == 3, err
@@ -259,9 +270,10 @@ def test_interrupted_run_saves_its_step_and_resumes_to_the_same_results(tmp_path
     assert results_of(out) == results_of(whole)
 
 
-# ---------------------------------------------------------------------------------------------- nothing lost, nothing mixed
+# -------------------------------------------------------------------------------- nothing lost, nothing mixed
 
-TINY = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--budget", "solver_iters=20,gen_iters=6,eval_every=10", "--checkpoint-every", "10"]
+TINY = ["--exp", "split", "--preset", "quick", "--variants", "gr", "--budget",
+        "solver_iters=20,gen_iters=6,eval_every=10", "--checkpoint-every", "10"]
 
 
 def test_two_processes_never_write_one_run(tmp_path):
@@ -279,12 +291,14 @@ def test_two_processes_never_write_one_run(tmp_path):
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert second.stderr.strip() == (f"dgr.py: error: {tmp_path / 'split' / 'gr_seed0'} is being trained by process "
-                                     f"{first.pid} on {socket.gethostname()} (its lock "
-                                     f"{tmp_path / 'split' / 'gr_seed0.lock'}): wait for it, or choose another --out")
+    assert second.stderr.strip() == (f"dgr.py: error: {tmp_path / 'split' / 'gr_seed0'} is being trained "
+                                     f"by process {first.pid} on {socket.gethostname()} (its lock "
+                                     f"{tmp_path / 'split' / 'gr_seed0.lock'}): "
+                                     "wait for it, or choose another --out")
     assert results_of(str(tmp_path))["fingerprint"]["lam"] == 10.0
-    assert sorted(os.listdir(tmp_path / "split")) == ["accuracy.png", "gr_seed0.json", "gr_seed0_samples_tasks.png",
-                                                       "summary.md"]   # no lock, checkpoint or temp file left
+    # no lock, checkpoint or temp file left
+    assert sorted(os.listdir(tmp_path / "split")) == ["accuracy.png", "gr_seed0.json",
+                                                      "gr_seed0_samples_tasks.png", "summary.md"]
 
 
 def test_a_killed_run_leaves_no_lock(tmp_path):
@@ -303,7 +317,8 @@ def test_a_resume_under_another_implementation_is_refused(tmp_path):
     killed = run_dgr(*TINY, "--out", str(tmp_path), patches=("kill-at=1:solver:10",))
     assert killed.returncode == -signal.SIGKILL
     other = run_dgr(*TINY, "--out", str(tmp_path), "--resume", "--impl", "torch")
-    assert other.returncode == 2 and "belongs to another run (differs in: impl 'ext' != 'torch')" in other.stderr
+    assert (other.returncode == 2
+            and "belongs to another run (differs in: impl 'ext' != 'torch')" in other.stderr)
 
 
 def saved_checkpoint(tmp_path, change):
@@ -316,7 +331,8 @@ def saved_checkpoint(tmp_path, change):
     change(state)
     (tmp_path / "split").mkdir(exist_ok=True)
     fingerprint = dgr.run_fingerprint("split", "gr", 0, args, b, runs_on)
-    torch.save({"fingerprint": fingerprint, "elapsed": 1.0, "run": state}, tmp_path / "split" / "gr_seed0.ckpt")
+    torch.save({"fingerprint": fingerprint, "elapsed": 1.0, "run": state},
+               tmp_path / "split" / "gr_seed0.ckpt")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -345,7 +361,8 @@ def test_resume_over_a_damaged_result_is_one_line(tmp_path, content, message):
     (tmp_path / "split" / "gr_seed0.json").write_text(content)
     proc = run_dgr(*TINY, "--out", str(tmp_path), "--resume")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"{tmp_path / 'split' / 'gr_seed0.json'} is not a readable result of dgr.py ({message}" in proc.stderr
+    assert (f"{tmp_path / 'split' / 'gr_seed0.json'} is not a readable result of dgr.py ({message}"
+            in proc.stderr)
 
 
 def full_disk_on(monkeypatch, target, error, name):
@@ -368,7 +385,8 @@ def test_every_failed_write_is_one_line_and_exit_3(tmp_path, monkeypatch, capsys
     import matplotlib.figure
     require_mnist()
     target, error = {
-        "checkpoint": ((torch, "save"), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 0")),
+        "checkpoint": ((torch, "save"),
+                       RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 0")),
         "figure": ((matplotlib.figure.Figure, "savefig"), OSError(28, "No space left on device")),
         "summary": ((builtins, "open"), OSError(28, "No space left on device")),
     }[what]
@@ -388,10 +406,12 @@ def test_a_real_full_disk_stops_the_run_with_one_line(tmp_path):
     import subprocess
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
         pytest.skip("mounting a tmpfs is not permitted here")
     try:
-        proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "gr", "--budget", "width=64,solver_iters=20,gen_iters=10,eval_every=10", "--checkpoint-every", "5",
+        proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "gr", "--budget",
+                       "width=64,solver_iters=20,gen_iters=10,eval_every=10", "--checkpoint-every", "5",
                        "--out", str(mount))
         assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr
         line = proc.stderr.strip().splitlines()[-1]
@@ -406,7 +426,8 @@ def test_stale_temp_files_are_cleared_at_the_next_start(tmp_path):
     folder = tmp_path / "split"
     folder.mkdir()
     host = socket.gethostname()
-    stale = [f"gr_seed0.ckpt.{host}-999999.tmp", "gr_seed0.ckpt.otherhost-5.tmp", f"summary.md.{host}-999999.tmp"]
+    stale = [f"gr_seed0.ckpt.{host}-999999.tmp", "gr_seed0.ckpt.otherhost-5.tmp",
+             f"summary.md.{host}-999999.tmp"]
     kept = "summary.md.otherhost-5.tmp"   # another machine's, maybe alive
     for name in stale + [kept]:
         (folder / name).write_text("half a file")
@@ -429,12 +450,13 @@ def test_gr_trains_with_a_one_sample_replay(tmp_path, argv):
 
 def test_train_task_stops_on_a_non_finite_loss():
     """The guard lives in the library: train_task raises, whoever calls it."""
-    b = dgr.Budget(solver_iters=10, gen_iters=2, n_critic=1, gan="mlp", width=4, hidden=8, batch=4, gen_batch=4,
-                   eval_every=5, solver_lr=1e30)
+    b = dgr.Budget(solver_iters=10, gen_iters=2, n_critic=1, gan="mlp", width=4, hidden=8, batch=4,
+                   gen_batch=4, eval_every=5, solver_lr=1e30)
     s = dgr.Scholar((1, 8, 8), b, n_classes=3)
     x = torch.rand(8, 1, 8, 8) * 2 - 1
     task = dgr.Task("t", x, torch.arange(8) % 3, x, torch.arange(8) % 3)
-    with pytest.raises(dgr.NonFiniteLoss, match=r"non-finite solver loss \(nan\) at task t solver step (5|10)"):
+    with pytest.raises(dgr.NonFiniteLoss,
+                       match=r"non-finite solver loss \(nan\) at task t solver step (5|10)"):
         dgr.train_task(s, s.optimizers(b), task, dgr.Replay(), 1.0, b)
 
 
@@ -458,7 +480,8 @@ def test_the_last_task_end_is_named_so():
 @pytest.mark.parametrize("damage,message", [
     ("swapped", "train-images-idx3-ubyte is not MNIST's train-images-idx3-ubyte (header (2051, 10000)"),
     ("random bytes", "t10k-labels-idx1-ubyte is not MNIST's t10k-labels-idx1-ubyte (header "),
-    ("empty labels", "train-labels-idx1-ubyte is not MNIST's train-labels-idx1-ubyte (header (2049, 0), 8 bytes"),
+    ("empty labels",
+     "train-labels-idx1-ubyte is not MNIST's train-labels-idx1-ubyte (header (2049, 0), 8 bytes"),
 ])
 def test_damaged_mnist_files_are_named(tmp_path, damage, message):
     require_mnist()
@@ -468,7 +491,8 @@ def test_damaged_mnist_files_are_named(tmp_path, damage, message):
         (raw / name).symlink_to(os.path.join(DATA, "MNIST", "raw", name))
     if damage == "swapped":
         (raw / "train-images-idx3-ubyte").unlink()
-        (raw / "train-images-idx3-ubyte").symlink_to(os.path.join(DATA, "MNIST", "raw", "t10k-images-idx3-ubyte"))
+        (raw / "train-images-idx3-ubyte").symlink_to(
+            os.path.join(DATA, "MNIST", "raw", "t10k-images-idx3-ubyte"))
     elif damage == "random bytes":
         (raw / "t10k-labels-idx1-ubyte").unlink()
         (raw / "t10k-labels-idx1-ubyte").write_bytes(os.urandom(10008))
@@ -485,8 +509,8 @@ def test_a_damaged_svhn_file_is_named(tmp_path, svhn_data_dir):
     data = tmp_path / "data"
     shutil.copytree(svhn_data_dir, data, symlinks=True)
     (data / "SVHN" / "test_32x32.mat").write_bytes(os.urandom(4096))
-    proc = run_dgr("--exp", "lwf", "--preset", "quick", "--variants", "none", "--budget", "solver_iters=10", "--out",
-                   str(tmp_path / "out"), data_dir=str(data), patches=("svhn-md5",))
+    proc = run_dgr("--exp", "lwf", "--preset", "quick", "--variants", "none", "--budget", "solver_iters=10",
+                   "--out", str(tmp_path / "out"), data_dir=str(data), patches=("svhn-md5",))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"SVHN's {data / 'SVHN' / 'test_32x32.mat'} cannot be read (" in proc.stderr
 
@@ -518,9 +542,11 @@ def test_a_budget_too_large_for_memory_is_one_line(tmp_path):
 
 
 def test_repeated_variants_and_budgets_make_one_plan(tmp_path):
-    proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "none,none", "--budget", "batch=32", "--budget", "test_limit=500", "--out", str(tmp_path), "--estimate")
+    proc = run_dgr("--exp", "split", "--preset", "quick", "--variants", "none,none", "--budget", "batch=32",
+                   "--budget", "test_limit=500", "--out", str(tmp_path), "--estimate")
     assert proc.returncode == 0 and "split: 1 run(s) to do" in proc.stdout, proc.stdout + proc.stderr
-    args = dgr.parse_args(["--exp", "split", "--preset", "quick", "--budget", "batch=32", "--budget", "test_limit=500"])
+    args = dgr.parse_args(["--exp", "split", "--preset", "quick", "--budget", "batch=32", "--budget",
+                           "test_limit=500"])
     assert (dgr.budget_for(args, "split").batch, dgr.budget_for(args, "split").test_limit) == (32, 500)
 
 
@@ -543,7 +569,8 @@ def test_a_stop_during_setup_is_a_stop_not_a_fallback(tmp_path, monkeypatch):
     present.write_bytes(b"x")
     with pytest.raises(dgr.Interrupted):
         dgr.open_dataset(stopped, str(tmp_path), [str(present)], str(tmp_path))
-    new = tmp_path / "new"   # stopped while downloading: the folder the download made is removed as on a failure
+    # stopped while downloading: the folder the download made is removed as on a failure
+    new = tmp_path / "new"
     with pytest.raises(dgr.Interrupted):
         dgr.open_dataset(lambda *a, **k: (new.mkdir(), stopped())[1], str(new), [str(new / "f")], str(new))
     assert not new.exists()
