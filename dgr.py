@@ -2197,19 +2197,24 @@ def summarize_folder(folder: str) -> str:
 
 
 def summary_table(results: list[dict], setting: str = "") -> str:
-    """Final accuracy per task and average, and wall time, mean ± sd over seeds, a row per variant."""
+    """Final accuracy per task and average, and wall time, mean ± sd over seeds, a row per variant. Runs from
+    several machines (a cluster's nodes, a folder filled over time) get a column naming each row's, since a
+    wall time means nothing without its machine."""
     by_variant = group_results(results)
     first = next(iter(by_variant.values()))[0]
     cols = first["tasks"]
-    lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, {first['machine']})"
-             + (f"; {setting}" if setting else ""), "",
-             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |",
-             "|---" * (len(cols) + 4) + "|"]
+    machines = lambda runs: list(dict.fromkeys(r["machine"] for r in runs))
+    mixed = len(machines(results)) > 1
+    lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, "
+             f"{'several machines' if mixed else first['machine']})" + (f"; {setting}" if setting else ""), "",
+             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |" + " machine |" * mixed,
+             "|---" * (len(cols) + 4 + mixed) + "|"]
     for runs in by_variant.values():
         per_task = [mean_sd([r["final"]["acc"][j] for r in runs]) for j in range(len(cols))]
         average = mean_sd([r["final"]["avg"] for r in runs])
         seconds = mean_sd([r["wall_time_s"] for r in runs])
-        lines.append(f"| {runs[0]['name']} | {len(runs)} | {' | '.join(per_task)} | {average} | {seconds} |")
+        lines.append(f"| {runs[0]['name']} | {len(runs)} | {' | '.join(per_task)} | {average} | {seconds} |"
+                     + f" {'; '.join(machines(runs))} |" * mixed)
     return "\n".join(lines + generator_table(by_variant)) + "\n"
 
 

@@ -500,7 +500,7 @@ def test_results_record_what_made_them(split_run):
     assert made["dgr_commit"] is None or made["dgr_commit"].startswith(head)
 
 
-def fake_results(folder, variants=("gr", "none"), seeds=(0, 1, 2), preset="quick"):
+def fake_results(folder, variants=("gr", "none"), seeds=(0, 1, 2), preset="quick", machine="m"):
     """Results JSONs of a two-task split-like experiment, 4 solver steps per task, evaluated every 2."""
     for v in variants:
         for seed in seeds:
@@ -512,7 +512,7 @@ def fake_results(folder, variants=("gr", "none"), seeds=(0, 1, 2), preset="quick
                 json.dump({"exp": "split", "variant": v, "name": dgr.VARIANTS[v].name, "seed": seed,
                            "tasks": ["0-1", "2-3"], "curves": curves, "acc_after_task": [[99.0], final],
                            "final": {"acc": final, "avg": sum(final) / 2}, "wall_time_s": 1.0 + seed,
-                           "machine": "m",
+                           "machine": machine,
                            "config": {"args": {"preset": preset}, "budget": {"solver_iters": 4}},
                            "fingerprint": {"exp": "split", "variant": v, "seed": seed, "preset": preset}}, f)
 
@@ -565,6 +565,24 @@ def test_summary_is_mean_and_sd_over_seeds_and_plain_for_one(tmp_path):
            cell([1.0, 2.0, 3.0])]
     assert f"| GR | 3 | {' | '.join(row)} |" in text
     assert "| None | 1 | 0.00 | 99.00 | 49.50 | 1.00 |" in text   # no ± over one seed
+
+
+def test_runs_from_several_machines_name_theirs(tmp_path):
+    """One configuration's runs made on two machines (two nodes of a cluster) stay one table, and each row
+    says on which machines its wall times were measured; a folder from one machine has no such column."""
+    fake_results(str(tmp_path), variants=("gr",), seeds=(0, 1), machine="AMD EPYC CPU, 2 threads")
+    fake_results(str(tmp_path), variants=("gr",), seeds=(2,), machine="Intel Xeon CPU, 1 thread")
+    fake_results(str(tmp_path), variants=("none",), machine="Intel Xeon CPU, 1 thread")
+    text = dgr.summarize_folder(str(tmp_path))
+    assert text.startswith("## split (quick preset, several machines)\n")
+    assert "| average | wall time (s) | machine |" in text
+    assert "| 2.00 ± 1.00 | AMD EPYC CPU, 2 threads; Intel Xeon CPU, 1 thread |" in text     # GR's row
+    assert "| 2.00 ± 1.00 | Intel Xeon CPU, 1 thread |" in text                              # None's
+    one = tmp_path / "one"
+    one.mkdir()
+    fake_results(str(one), variants=("gr",), machine="Intel Xeon CPU, 1 thread")
+    assert dgr.summarize_folder(str(one)).startswith("## split (quick preset, Intel Xeon CPU, 1 thread)\n")
+    assert "machine |" not in dgr.summarize_folder(str(one))
 
 
 def test_a_folder_of_two_presets_is_summarized_per_preset(tmp_path, capsys):
