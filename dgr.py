@@ -2205,8 +2205,9 @@ def summary_table(results: list[dict], setting: str = "") -> str:
     cols = first["tasks"]
     machines = lambda runs: list(dict.fromkeys(r["machine"] for r in runs))
     mixed = len(machines(results)) > 1
-    lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, "
-             f"{'several machines' if mixed else first['machine']})" + (f"; {setting}" if setting else ""), "",
+    where = "several machines" if mixed else first["machine"]
+    lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, {where})"
+             + (f"; {setting}" if setting else ""), "",
              "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |" + " machine |" * mixed,
              "|---" * (len(cols) + 4 + mixed) + "|"]
     for runs in by_variant.values():
