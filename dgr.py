@@ -2208,7 +2208,7 @@ def summary_table(results: list[dict], setting: str = "") -> str:
     where = "several machines" if mixed else first["machine"]
     lines = [f"## {first['exp']} ({first['config']['args']['preset']} preset, {where})"
              + (f"; {setting}" if setting else ""), "",
-             "| variant | seeds | " + " | ".join(cols) + " | average | wall time (s) |" + " machine |" * mixed,
+             f"| variant | seeds | {' | '.join(cols)} | average | wall time (s) |" + " machine |" * mixed,
              "|---" * (len(cols) + 4 + mixed) + "|"]
     for runs in by_variant.values():
         per_task = [mean_sd([r["final"]["acc"][j] for r in runs]) for j in range(len(cols))]
