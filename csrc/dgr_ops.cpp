@@ -27,27 +27,29 @@ at::Tensor rows_of(const at::Tensor& grad) {
   return grad.contiguous().view({grad.size(0), D});
 }
 
-void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels, const at::Tensor& logits_replay,
-                         const at::Tensor& targets) {
+void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels,
+                         const at::Tensor& logits_replay, const at::Tensor& targets) {
   TORCH_CHECK(logits_real.dim() == 2 && logits_replay.dim() == 2,
-              message("dgr::replay_loss: logits must be 2-d (batch, classes), got ", logits_real.sizes(), " and ",
-                      logits_replay.sizes()));
+              message("dgr::replay_loss: logits must be 2-d (batch, classes), got ", logits_real.sizes(),
+                      " and ", logits_replay.sizes()));
   TORCH_CHECK(logits_real.size(1) == logits_replay.size(1),
               message("dgr::replay_loss: real and replayed logits have ", logits_real.size(1), " and ",
                       logits_replay.size(1), " classes"));
   TORCH_CHECK(logits_real.size(1) > 0, "dgr::replay_loss: logits need at least one class, got 0");
-  TORCH_CHECK(at::isFloatingType(logits_real.scalar_type()) && logits_real.scalar_type() == logits_replay.scalar_type(),
-              message("dgr::replay_loss: logits must share one floating dtype, got ", logits_real.scalar_type(),
-                      " and ", logits_replay.scalar_type()));
+  TORCH_CHECK(at::isFloatingType(logits_real.scalar_type())
+                  && logits_real.scalar_type() == logits_replay.scalar_type(),
+              message("dgr::replay_loss: logits must share one floating dtype, got ",
+                      logits_real.scalar_type(), " and ", logits_replay.scalar_type()));
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits_real.size(0) && labels.scalar_type() == at::kLong,
               message("dgr::replay_loss: labels must be int64 of shape (", logits_real.size(0), "), got ",
                       labels.scalar_type(), " ", labels.sizes()));
   bool soft = at::isFloatingType(targets.scalar_type());
   TORCH_CHECK(soft ? targets.sizes() == logits_replay.sizes()
-                   : (targets.dim() == 1 && targets.size(0) == logits_replay.size(0) && targets.scalar_type() == at::kLong),
-              message("dgr::replay_loss: targets_replay must be int64 class ids of shape (", logits_replay.size(0),
-                      ") or probabilities of shape ", logits_replay.sizes(), ", got ", targets.scalar_type(), " ",
-                      targets.sizes()));
+                   : (targets.dim() == 1 && targets.size(0) == logits_replay.size(0)
+                      && targets.scalar_type() == at::kLong),
+              message("dgr::replay_loss: targets_replay must be int64 class ids of shape (",
+                      logits_replay.size(0), ") or probabilities of shape ", logits_replay.sizes(), ", got ",
+                      targets.scalar_type(), " ", targets.sizes()));
   for (const auto* t : {&labels, &logits_replay, &targets})
     TORCH_CHECK(t->device() == logits_real.device(),
                 message("dgr::replay_loss: all inputs must be on ", logits_real.device(), ", got one on ",
@@ -80,7 +82,7 @@ void for_each_row_norm(const scalar_t* p, int64_t B, int64_t D, F&& f) {
     for (int64_t grp = begin; grp < end; ++grp) {
       const int64_t b0 = grp * kRows, n = std::min(kRows, B - b0);
       if (n == kRows) rows_sum_squares<kRows>(p + b0 * D, D, ss);
-      else for (int64_t r = 0; r < n; ++r) rows_sum_squares<1>(p + (b0 + r) * D, D, ss + r);   // the last group
+      else for (int64_t r = 0; r < n; ++r) rows_sum_squares<1>(p + (b0 + r) * D, D, ss + r);   // last group
       for (int64_t r = 0; r < n; ++r) f(b0 + r, std::sqrt(ss[r]));
     }
   });
@@ -112,7 +114,8 @@ at::Tensor gradient_penalty_backward_cpu(const at::Tensor& grad_out, const at::T
   at::Tensor out = at::empty_like(g);
   if (B == 0) return out.view(grad.sizes());
   const double go = grad_out.item<double>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_penalty_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_penalty_backward_cpu",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* p = g.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -128,7 +131,8 @@ at::Tensor gradient_penalty_backward_cpu(const at::Tensor& grad_out, const at::T
 // Replay loss, CPU: per row one pass computes log-sum-exp, the row's loss and d loss / d logits.
 
 template <typename scalar_t, typename acc_t>
-acc_t ce_row(const scalar_t* x, int64_t C, const int64_t* hard, const scalar_t* soft, acc_t weight, scalar_t* dx) {
+acc_t ce_row(const scalar_t* x, int64_t C, const int64_t* hard, const scalar_t* soft, acc_t weight,
+             scalar_t* dx) {
   acc_t mx = x[0];
   for (int64_t c = 1; c < C; ++c) mx = std::max(mx, acc_t(x[c]));
   acc_t se = 0;
@@ -139,7 +143,8 @@ acc_t ce_row(const scalar_t* x, int64_t C, const int64_t* hard, const scalar_t* 
     tsum = 0;
     for (int64_t c = 0; c < C; ++c) { tsum += acc_t(soft[c]); dot += acc_t(soft[c]) * acc_t(x[c]); }
   } else {
-    TORCH_CHECK(*hard >= 0 && *hard < C, message("dgr::replay_loss: class id ", *hard, " out of range [0, ", C, ")"));
+    TORCH_CHECK(*hard >= 0 && *hard < C,
+                message("dgr::replay_loss: class id ", *hard, " out of range [0, ", C, ")"));
     dot = x[*hard];
   }
   for (int64_t c = 0; c < C; ++c) {
@@ -163,19 +168,21 @@ void replay_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, double
   scalar_t* dx = dlogits.data_ptr<scalar_t>();
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b)
-      row_loss[b] = ce_row<scalar_t, acc_t>(x + b * C, C, hard ? hard + b : nullptr, probs ? probs + b * C : nullptr,
-                                            acc_t(weight), dx + b * C);
+      row_loss[b] = ce_row<scalar_t, acc_t>(x + b * C, C, hard ? hard + b : nullptr,
+                                            probs ? probs + b * C : nullptr, acc_t(weight), dx + b * C);
   });
 }
 
 // Returns (loss, d loss / d logits_real, d loss / d logits_replay).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cpu(const at::Tensor& logits_real, const at::Tensor& labels,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cpu(const at::Tensor& logits_real,
+                                                                   const at::Tensor& labels,
                                                                    const at::Tensor& logits_replay,
-                                                                   const at::Tensor& targets_replay, double r) {
+                                                                   const at::Tensor& targets_replay,
+                                                                   double r) {
   check_replay_inputs(logits_real, labels, logits_replay, targets_replay);
   at::Tensor lr = logits_real.contiguous(), lp = logits_replay.contiguous(), y = labels.contiguous();
-  at::Tensor t = at::isFloatingType(targets_replay.scalar_type()) ? targets_replay.to(lp.scalar_type()).contiguous()
-                                                                  : targets_replay.contiguous();
+  at::Tensor t = at::isFloatingType(targets_replay.scalar_type())
+                     ? targets_replay.to(lp.scalar_type()).contiguous() : targets_replay.contiguous();
   at::Tensor d_real = at::empty_like(lr), d_rep = at::empty_like(lp);
   at::Tensor loss = at::zeros({}, lr.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lr.scalar_type(), "replay_loss_cpu", [&] {
@@ -198,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cpu(const at::Ten
 TORCH_LIBRARY(dgr, m) {
   m.def("gradient_penalty(Tensor grad, float lam) -> Tensor");
   m.def("gradient_penalty_backward(Tensor grad_out, Tensor grad, float lam) -> Tensor");
-  m.def("replay_loss_fwd(Tensor logits_real, Tensor labels, Tensor logits_replay, Tensor targets_replay, float r)"
-        " -> (Tensor, Tensor, Tensor)");
+  m.def("replay_loss_fwd(Tensor logits_real, Tensor labels, Tensor logits_replay, Tensor targets_replay, "
+        "float r) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dgr, CPU, m) {

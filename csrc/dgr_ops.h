@@ -29,6 +29,6 @@ std::string message(const Parts&... parts) {
 // grad as a contiguous (B, D) view, D = all non-batch dimensions; checks dtype and rank.
 at::Tensor rows_of(const at::Tensor& grad);
 // Shapes, dtypes and devices of replay_loss's inputs, with messages that name the argument.
-void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels, const at::Tensor& logits_replay,
-                         const at::Tensor& targets);
+void check_replay_inputs(const at::Tensor& logits_real, const at::Tensor& labels,
+                         const at::Tensor& logits_replay, const at::Tensor& targets);
 }  // namespace dgr

@@ -69,7 +69,8 @@ __global__ void gp_rows_kernel(const scalar_t* __restrict__ g, int64_t D, acc_t*
 
 // out = scale * sum(rows), one block, fixed summation order.
 template <typename acc_t, typename out_t>
-__global__ void sum_rows_kernel(const acc_t* __restrict__ rows, int64_t n, acc_t scale, out_t* __restrict__ out) {
+__global__ void sum_rows_kernel(const acc_t* __restrict__ rows, int64_t n, acc_t scale,
+                                out_t* __restrict__ out) {
   acc_t s = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += rows[i];
   s = block_sum(s);
@@ -77,8 +78,8 @@ __global__ void sum_rows_kernel(const acc_t* __restrict__ rows, int64_t n, acc_t
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__global__ void gp_backward_kernel(const acc_t* __restrict__ grad_out, const scalar_t* __restrict__ g, int64_t D,
-                                   acc_t two_lam_over_b, scalar_t* __restrict__ out) {
+__global__ void gp_backward_kernel(const acc_t* __restrict__ grad_out, const scalar_t* __restrict__ g,
+                                   int64_t D, acc_t two_lam_over_b, scalar_t* __restrict__ out) {
   const scalar_t* row = g + blockIdx.x * D;
   const acc_t norm = sqrt(row_sumsq<scalar_t, acc_t, VEC>(row, D));
   const acc_t scale = norm > 0 ? acc_t(*grad_out) * two_lam_over_b * (norm - acc_t(1)) / norm : acc_t(0);
@@ -129,11 +130,13 @@ at::Tensor gradient_penalty_backward_cuda(const at::Tensor& grad_out, const at::
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor g = rows_of(grad);
   const int64_t B = g.size(0), D = g.size(1);
-  TORCH_CHECK(B <= INT32_MAX, message("dgr::gradient_penalty_backward: at most 2^31-1 rows on CUDA, got ", B));
+  TORCH_CHECK(B <= INT32_MAX,
+              message("dgr::gradient_penalty_backward: at most 2^31-1 rows on CUDA, got ", B));
   at::Tensor out = at::empty_like(g);
   if (B == 0) return out.view(grad.sizes());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_penalty_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "gradient_penalty_backward_cuda",
+                                  [&] {
     using acc_t = at::opmath_type<scalar_t>;   // grad_out in acc_t: fp64 stays fp64
     at::Tensor go = grad_out.to(g.device(), c10::CppTypeToScalarType<acc_t>::value).contiguous();
     with_vec<scalar_t>(g, [&](auto vec) {
@@ -148,10 +151,11 @@ at::Tensor gradient_penalty_backward_cuda(const at::Tensor& grad_out, const at::
 // One warp per row over the real rows then the replayed rows. Row loss and gradient carry the
 // weight r/B_real or (1-r)/B_replay. `soft` holds probabilities (or is null and `hard` holds ids).
 template <typename scalar_t, typename acc_t>
-__global__ void replay_rows_kernel(const scalar_t* __restrict__ xr, const int64_t* __restrict__ yr, int64_t Br,
-                                   const scalar_t* __restrict__ xp, const int64_t* __restrict__ hard,
-                                   const scalar_t* __restrict__ soft, int64_t Bp, int64_t C, acc_t w_real,
-                                   acc_t w_rep, scalar_t* __restrict__ dr, scalar_t* __restrict__ dp,
+__global__ void replay_rows_kernel(const scalar_t* __restrict__ xr, const int64_t* __restrict__ yr,
+                                   int64_t Br, const scalar_t* __restrict__ xp,
+                                   const int64_t* __restrict__ hard, const scalar_t* __restrict__ soft,
+                                   int64_t Bp, int64_t C, acc_t w_real, acc_t w_rep,
+                                   scalar_t* __restrict__ dr, scalar_t* __restrict__ dp,
                                    acc_t* __restrict__ row_loss) {
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -184,9 +188,11 @@ __global__ void replay_rows_kernel(const scalar_t* __restrict__ xr, const int64_
   if (lane == 0) row_loss[row] = w * (lse * tsum - dot);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cuda(const at::Tensor& logits_real, const at::Tensor& labels,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cuda(const at::Tensor& logits_real,
+                                                                    const at::Tensor& labels,
                                                                     const at::Tensor& logits_replay,
-                                                                    const at::Tensor& targets_replay, double r) {
+                                                                    const at::Tensor& targets_replay,
+                                                                    double r) {
   check_replay_inputs(logits_real, labels, logits_replay, targets_replay);
   const c10::cuda::CUDAGuard guard(logits_real.device());
   at::Tensor lr = logits_real.contiguous(), lp = logits_replay.contiguous(), y = labels.contiguous();
@@ -195,14 +201,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cuda(const at::Te
   at::Tensor d_real = at::empty_like(lr), d_rep = at::empty_like(lp);
   at::Tensor loss = at::empty({}, lr.options());
   const int64_t Br = lr.size(0), Bp = lp.size(0), C = lr.size(1), rows = Br + Bp;
-  TORCH_CHECK(rows / (kThreads / 32) < INT32_MAX, message("dgr::replay_loss: too many rows for one grid, got ", rows));
+  TORCH_CHECK(rows / (kThreads / 32) < INT32_MAX,
+              message("dgr::replay_loss: too many rows for one grid, got ", rows));
   if (rows == 0) return {loss.zero_(), d_real, d_rep};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lr.scalar_type(), "replay_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor row_loss = at::empty({rows}, lr.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const int64_t rows_per_block = kThreads / 32;
-    replay_rows_kernel<scalar_t, acc_t><<<(rows + rows_per_block - 1) / rows_per_block, kThreads, 0, stream>>>(
+    const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+    replay_rows_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
         lr.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), Br, lp.data_ptr<scalar_t>(),
         soft ? nullptr : t.data_ptr<int64_t>(), soft ? t.data_ptr<scalar_t>() : nullptr, Bp, C,
         acc_t(Br ? r / Br : 0.0), acc_t(Bp ? (1.0 - r) / Bp : 0.0), d_real.data_ptr<scalar_t>(),
