@@ -174,11 +174,9 @@ void replay_rows_cpu(const at::Tensor& logits, const at::Tensor& targets, double
 }
 
 // Returns (loss, d loss / d logits_real, d loss / d logits_replay).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cpu(const at::Tensor& logits_real,
-                                                                   const at::Tensor& labels,
-                                                                   const at::Tensor& logits_replay,
-                                                                   const at::Tensor& targets_replay,
-                                                                   double r) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cpu(
+    const at::Tensor& logits_real, const at::Tensor& labels, const at::Tensor& logits_replay,
+    const at::Tensor& targets_replay, double r) {
   check_replay_inputs(logits_real, labels, logits_replay, targets_replay);
   at::Tensor lr = logits_real.contiguous(), lp = logits_replay.contiguous(), y = labels.contiguous();
   at::Tensor t = at::isFloatingType(targets_replay.scalar_type())

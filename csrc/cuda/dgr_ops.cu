@@ -188,11 +188,9 @@ __global__ void replay_rows_kernel(const scalar_t* __restrict__ xr, const int64_
   if (lane == 0) row_loss[row] = w * (lse * tsum - dot);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cuda(const at::Tensor& logits_real,
-                                                                    const at::Tensor& labels,
-                                                                    const at::Tensor& logits_replay,
-                                                                    const at::Tensor& targets_replay,
-                                                                    double r) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> replay_loss_fwd_cuda(
+    const at::Tensor& logits_real, const at::Tensor& labels, const at::Tensor& logits_replay,
+    const at::Tensor& targets_replay, double r) {
   check_replay_inputs(logits_real, labels, logits_replay, targets_replay);
   const c10::cuda::CUDAGuard guard(logits_real.device());
   at::Tensor lr = logits_real.contiguous(), lp = logits_replay.contiguous(), y = labels.contiguous();
