@@ -228,14 +228,15 @@ def make_task(name, data, b: Budget, seed: int, head: int = 0, transform=None, c
 
 
 def pixel_permutation(n_pixels: int, seed: int, task: int) -> torch.Tensor:
-    """The fixed pixel order of permuted-MNIST task `task` (task 0 is the identity)."""
+    """The fixed pixel order of permuted task `task` (task 0 is the identity)."""
     if task == 0:
         return torch.arange(n_pixels)
     return torch.randperm(n_pixels, generator=torch.Generator().manual_seed(10_000 * seed + task))
 
 
 def permuted_tasks(data, b: Budget, seed: int) -> list[Task]:
-    perms = [pixel_permutation(28 * 28, seed, t).to(data[0].device) for t in range(b.n_tasks)]
+    """b.n_tasks tasks of all of `data`, each with its own fixed order of the input's values (pixels)."""
+    perms = [pixel_permutation(data[0][0].numel(), seed, t).to(data[0].device) for t in range(b.n_tasks)]
     return [make_task(f"perm{t + 1}", data, b, seed, transform=lambda x, p=p: x.flatten(1)[:, p].view_as(x))
             for t, p in enumerate(perms)]
 

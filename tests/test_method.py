@@ -715,6 +715,18 @@ def test_permuted_tasks_permute_pixels(mnist):
     assert torch.equal(tasks[0].y_train, tasks[2].y_train)
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 5, 7), (20,)])
+def test_permuted_tasks_of_data_that_is_not_mnist(shape):
+    """Any input shape: each task permutes all of an input's values, the same way for training and test."""
+    x = torch.rand(30, *shape) * 2 - 1
+    data = (x[:20], torch.arange(20) % 4, x[20:], torch.arange(10) % 4)
+    tasks = dgr.permuted_tasks(data, dgr.Budget(n_tasks=3), seed=1)
+    perm = dgr.pixel_permutation(x[0].numel(), 1, 2)
+    assert tasks[2].x_train.shape == (20, *shape) and not torch.equal(perm, torch.arange(x[0].numel()))
+    assert torch.equal(tasks[2].x_train.flatten(1), x[:20].flatten(1)[:, perm])
+    assert torch.equal(tasks[2].x_test.flatten(1), x[20:].flatten(1)[:, perm])
+
+
 def test_split_tasks_are_disjoint_and_cover_all_classes(mnist):
     tasks = dgr.split_tasks(mnist, dgr.Budget(), seed=0)
     seen = [set(t.y_train.tolist()) | set(t.y_test.tolist()) for t in tasks]
