@@ -8,7 +8,8 @@ MNIST. Needs scikit-learn; runs on the CPU.
     python reference/other-data/digits.py --exp split --variants gr,er,none --seeds 3 --out results/digits
     python reference/other-data/digits.py --exp split --variants gr --budget replay_batch=0 --out ...
 
-One JSON per run in --out (a run whose JSON is there is skipped), then a table over the folder's runs.
+One JSON per run in --out (one folder per experiment and budget; a run whose JSON is there is skipped), then a
+table over the folder's runs. The runs in reference/other-data/ ran with OMP_NUM_THREADS=1, two at once.
 """
 import argparse
 import dataclasses
@@ -43,7 +44,8 @@ def table(folder: str) -> str:
     by_variant = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json"):
-            res = json.load(open(os.path.join(folder, name)))
+            with open(os.path.join(folder, name)) as f:
+                res = json.load(f)
             by_variant.setdefault(res["variant"], []).append(res)
     lines = ["| variant | seeds | final (%): average, chain's last solver | per seed | "
              "train on generated, its generators (%) |",
@@ -73,10 +75,14 @@ def main():
         p.error(str(e))
     data = {"mnist": load_digits()}
     os.makedirs(args.out, exist_ok=True)
+    budget = json.loads(json.dumps(dataclasses.asdict(b)))   # as a JSON holds it
     for variant in args.variants.split(","):
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             path = os.path.join(args.out, f"{variant}_seed{seed}.json")
-            if os.path.exists(path):
+            if os.path.exists(path):   # done, if it is a run of these settings
+                with open(path) as f:
+                    if json.load(f)["budget"] != budget:
+                        p.error(f"{path} is a run of other settings: one --out per --exp and --budget")
                 continue
             start = time.time()
             res = dgr.run_one(dgr.EXPERIMENTS[args.exp], variant, seed, data, b)
