@@ -6,7 +6,8 @@ MNIST. Needs scikit-learn; runs on the CPU.
 
     pip install scikit-learn
     python reference/other-data/digits.py --exp split --variants gr,er,none --seeds 3 --out results/digits
-    python reference/other-data/digits.py --exp split --variants gr --budget replay_batch=0 --out ...
+    python reference/other-data/digits.py --exp split --variants gr --budget replay_batch=0 --out ... \
+        --paired results/digits    # each run's difference from the same seed's run there
 
 One JSON per run in --out (one folder per experiment and budget; a run whose JSON is there is skipped), then a
 table over the folder's runs. The runs in reference/other-data/ ran with OMP_NUM_THREADS=1, two at once.
@@ -39,23 +40,34 @@ def final(res: dict) -> float:
     return res["final"]["acc"][-1] if res.get("exp") == "chain" else res["final"]["avg"]
 
 
-def table(folder: str) -> str:
-    """The runs' results and their generators' train-on-generated accuracy, per variant."""
+def runs_in(folder: str) -> dict[str, list[dict]]:
+    """The runs in `folder`, per variant."""
     by_variant = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json"):
             with open(os.path.join(folder, name)) as f:
                 res = json.load(f)
             by_variant.setdefault(res["variant"], []).append(res)
+    return by_variant
+
+
+def table(folder: str, paired: str = "") -> str:
+    """The runs' results and their generators' train-on-generated accuracy, per variant; with `paired`, a
+    folder of runs of other settings, each run's difference from that folder's run of its variant and seed."""
+    by_variant = runs_in(folder)
+    against = runs_in(paired) if paired else {}
+    other = {(v, r["seed"]): final(r) for v, runs in against.items() for r in runs}
     lines = ["| variant | seeds | final (%): average, chain's last solver | per seed | "
-             "train on generated, its generators (%) |",
-             "|---|---|---|---|---|"]
+             "train on generated, its generators (%) | per seed, minus --paired's |",
+             "|---|---|---|---|---|---|"]
     for v, runs in by_variant.items():
         finals = [final(r) for r in runs]
         tog = [sum(g["train_on_generated"] for g in r["generators"]) / len(r["generators"])
                for r in runs if r["generators"]]
+        diffs = [f"{final(r) - other[v, r['seed']]:+.2f}" for r in runs if (v, r["seed"]) in other]
         lines.append(f"| {v} | {', '.join(str(r['seed']) for r in runs)} | {dgr.mean_sd(finals)} | "
-                     f"{', '.join(f'{a:.2f}' for a in finals)} | {dgr.mean_sd(tog) if tog else ''} |")
+                     f"{', '.join(f'{a:.2f}' for a in finals)} | {dgr.mean_sd(tog) if tog else ''} | "
+                     f"{', '.join(diffs)} |")
     return "\n".join(lines)
 
 
@@ -68,6 +80,7 @@ def main():
     p.add_argument("--seed-start", type=int, default=0)
     p.add_argument("--budget", default="", help="Budget fields to override, as dgr.py's --budget")
     p.add_argument("--out", required=True)
+    p.add_argument("--paired", default="", help="a folder of runs to compare with, seed by seed")
     args = p.parse_args()
     try:
         b = dataclasses.replace(dgr.PRESETS[args.preset][args.exp], **dgr.budget_overrides(args.budget))
@@ -95,7 +108,7 @@ def main():
                                   "torch": torch.__version__})
             result = final({"exp": args.exp, **res})
             print(f"{variant} seed {seed}: {result:.2f} in {time.time() - start:.0f} s", flush=True)
-    print(table(args.out))
+    print(table(args.out, args.paired))
 
 
 if __name__ == "__main__":
