@@ -160,7 +160,7 @@ def test_chain_links_start_fresh_or_from_the_previous_link(tmp_path, monkeypatch
 
 def test_chain_gr_passes_knowledge_down_the_links(tmp_path):
     """A small MLP GAN (300 steps per link): every link answers far above chance (10 %) from samples alone,
-    solver 5 too. The quick preset's width-8 conv GAN is too small for this: its links 2-5 sit near chance."""
+    solver 5 too."""
     require_mnist()
     assert dgr.main(["--out", str(tmp_path), "--data-dir", DATA, "--preset", "quick", "--exp", "chain",
                      "--variants", "gr", "--budget",
