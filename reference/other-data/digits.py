@@ -88,7 +88,7 @@ def main():
         p.error(str(e))
     data = {"mnist": load_digits()}
     os.makedirs(args.out, exist_ok=True)
-    budget = json.loads(json.dumps(dataclasses.asdict(b)))   # as a JSON holds it
+    budget = json.loads(json.dumps(dataclasses.asdict(b)))   # as a JSON holds it: written, and compared
     for variant in args.variants.split(","):
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             path = os.path.join(args.out, f"{variant}_seed{seed}.json")
@@ -100,14 +100,12 @@ def main():
             start = time.time()
             res = dgr.run_one(dgr.EXPERIMENTS[args.exp], variant, seed, data, b)
             del res["samples"]
-            dgr.write_json(path, {"data": "sklearn digits 8x8", "exp": args.exp, "variant": variant,
-                                  "seed": seed, "preset": args.preset, "budget_overrides": args.budget,
-                                  "budget": dataclasses.asdict(b), **res,
-                                  "wall_time_s": round(time.time() - start, 1),
-                                  "threads": torch.get_num_threads(), "machine": dgr.cpu_model(),
-                                  "torch": torch.__version__})
-            result = final({"exp": args.exp, **res})
-            print(f"{variant} seed {seed}: {result:.2f} in {time.time() - start:.0f} s", flush=True)
+            run = {"data": "sklearn digits 8x8", "exp": args.exp, "variant": variant, "seed": seed,
+                   "preset": args.preset, "budget_overrides": args.budget, "budget": budget, **res,
+                   "wall_time_s": round(time.time() - start, 1), "threads": torch.get_num_threads(),
+                   "machine": dgr.cpu_model(), "torch": torch.__version__}
+            dgr.write_json(path, run)
+            print(f"{variant} seed {seed}: {final(run):.2f} in {run['wall_time_s']:.0f} s", flush=True)
     print(table(args.out, args.paired))
 
 
