@@ -83,6 +83,7 @@ class Budget:
     fisher_samples: int = 500     # training images per task for EWC's diagonal Fisher
     probe_iters: int = 1000       # steps of the fresh solver that measures each trained generator (0: none)
     last_generator: str = "train"   # or skip: the last task's generator (split, SVHN), shown, never replayed
+    temperature: float = 2.0      # gr+distill: targets softmax(z/T) of the old solver, loss on z/T times T^2
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -148,16 +149,18 @@ PAPER = {
 # generator, which only the sample figure would show, is skipped. split's solver replays 1024 samples per step
 # beside its 128 real inputs, permuted's 512: the replay term stands for all past tasks and weighs (i-1)/i on
 # task i, and 128 samples of it make a noisy estimate. permuted pays for its larger replay with a third fewer
-# generator steps, which cost it less than the replay gains.
+# generator steps, which cost it less than the replay gains. GR+distill distils at T = 1 in split and
+# permuted, where the replay term shares the loss with the new task's real inputs and T = 2 learns each new
+# task worse; chain's links learn from the old solver's targets alone and keep van de Ven et al.'s T = 2.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
 FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)
 FAST_SVHN = dict(FAST_GAN, solver_iters=1000, gen_iters=2000, eval_every=250)
 FAST = {
     "chain": Budget(eval_every=1000, **FAST_ALL_DIGITS),
-    "permuted": Budget(eval_every=500, gen_batch=128, replay_batch=512,
+    "permuted": Budget(eval_every=500, gen_batch=128, replay_batch=512, temperature=1.0,
                        **dict(FAST_ALL_DIGITS, gen_iters=2000, gen_lr=4e-4, critic_lr=8e-4)),
     "split": Budget(solver_iters=1000, gen_iters=3000, eval_every=250, solver_lr=3e-4, gen_ema=0.99,
-                    gen_batch=256, replay_batch=1024, last_generator="skip",
+                    gen_batch=256, replay_batch=1024, last_generator="skip", temperature=1.0,
                     **dict(FAST_GAN, gen_lr=8e-4, critic_lr=1.6e-3)),
     "mnist-svhn": Budget(sample_at=(200, 500, 1000, 2000), **FAST_SVHN),
     "svhn-mnist": Budget(sample_at=(200, 500, 1000, 2000), **FAST_SVHN),
@@ -1068,14 +1071,13 @@ def replay_share(r: float | None, i: int) -> float:
 
 
 def learn(e: Experiment, v: Variant, tasks: list[Task], b: Budget, *, r: float | None = None,
-          soft_targets: bool = False, temperature: float = 2.0, graphs: bool = False, on_step=None,
+          soft_targets: bool = False, graphs: bool = False, on_step=None,
           state: dict | None = None) -> Run:
     """Learn `tasks` one after another with variant `v` (chain: the same task, a new scholar per link, link k
     > 1 from link k-1's samples and labels only); test accuracy on the tasks after each one. r: the real share
-    (default 1/i); soft_targets: the old solver's probabilities as targets; temperature: gr+distill's; graphs:
-    steps as CUDA graphs. `state`: a Run's state_dict to continue from. on_step(run, task, phase, step, info)
-    follows each step (info: the losses, and "acc" where the solver was evaluated) and each task's end (phase
-    "end")."""
+    (default 1/i); soft_targets: the old solver's probabilities as targets; graphs: steps as CUDA graphs.
+    `state`: a Run's state_dict to continue from. on_step(run, task, phase, step, info) follows each step
+    (info: the losses, and "acc" where the solver was evaluated) and each task's end (phase "end")."""
     x = tasks[0].x_train
     new_scholar = lambda: Scholar(x.shape[1:], b, e.heads, v.generative).to(x.device)
     s = new_scholar()
@@ -1091,7 +1093,7 @@ def learn(e: Experiment, v: Variant, tasks: list[Task], b: Budget, *, r: float |
                 run.opts = run.scholar.optimizers(b, graphs)
         pool = [t.x_train for t in (tasks[i - 1:i] if e.chain else tasks[:i])]
         replay = make_replay(v, e.lwf, run.old, pool, tasks[i - 1].head if i else 0, run.ewc, soft_targets,
-                             temperature)
+                             b.temperature)
         share = (0.0 if e.chain else replay_share(r, i)) if replay.source != "none" else 1.0
         seen = tasks[:1] if e.chain else tasks[:i + 1]
 
@@ -1569,7 +1571,8 @@ GAN_FIELDS = ("gan", "width", "n_critic", "lam", "gen_lr", "critic_lr", "gen_ite
               "gan_precision")   # unused without one
 # Budget fields added after runs were saved, each with the value that does what dgr.py did before it: a saved
 # run without the field is the same run at that value. A new field joins only if such a value exists.
-ADDED_BUDGET_FIELDS = {"replay_batch": 0, "last_generator": "train", "gan_precision": "fp32"}
+ADDED_BUDGET_FIELDS = {"replay_batch": 0, "last_generator": "train", "gan_precision": "fp32",
+                       "temperature": 2.0}
 
 
 def run_settings(fingerprint):
@@ -1590,7 +1593,7 @@ def run_fingerprint(exp: str, variant: str, seed: int, args: Args, b: Budget, ru
     """What makes two runs the same run, everything that changes its numbers: a checkpoint or result resumes
     only under the same fingerprint. runs_on: the device type, the loss implementation and CUDA graphs."""
     settings = {"exp": exp, "variant": variant, "seed": seed, "preset": args.preset, "r": args.r,
-                "replay_targets": args.replay_targets, "temperature": args.temperature}
+                "replay_targets": args.replay_targets}
     return json.loads(json.dumps({**settings, **runs_on, **dataclasses.asdict(b)}))   # as JSON has it
 
 
@@ -1867,8 +1870,7 @@ def run_experiment(e: Experiment, args: Args, device, plan: ExperimentPlan, cost
     """All planned runs of one experiment: JSON per run, figures and summary.md in <out>/<exp>."""
     b = plan.b
     data = load_data(e, args.data_dir, device) if plan.runs else {}
-    learning = dict(r=args.r, soft_targets=args.replay_targets == "soft", temperature=args.temperature,
-                    graphs=graphs)
+    learning = dict(r=args.r, soft_targets=args.replay_targets == "soft", graphs=graphs)
     for run in plan.runs:
         checkpoint, label, steps = run.checkpoint, run.label, run_plan(e, VARIANTS[run.variant], b)
         checkpoint.started = time.time()
@@ -2278,7 +2280,6 @@ class Args:
     r: float = arg(None, "real-data share r in [0,1] on tasks after the first (default 1/i on task i)")
     replay_targets: str = arg("hard", "label replayed inputs with the old solver's argmax (hard) or its "
                               "probabilities (soft)", ("hard", "soft"))
-    temperature: float = arg(2.0, "gr+distill: targets softmax(z/T) of the old solver, loss on z/T times T^2")
     data_dir: str = arg("", "dataset root for torchvision MNIST/SVHN (default $DGR_DATA or ./data)")
     out: str = arg("results", "output folder: <out>/<exp>/<variant>_seed<k>.json, figures, summary.md")
     device: str = arg("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -2362,8 +2363,6 @@ def check_args(args: Args) -> None:
                          f"{','.join(VARIANTS)}")
     if args.r is not None and not 0.0 <= args.r <= 1.0:
         raise UsageError(f"--r must lie in [0, 1], got {args.r}")
-    if not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise UsageError(f"--temperature must be > 0 and finite, got {args.temperature}")
     if not 1 <= args.seeds <= MAX_SEEDS:
         raise UsageError(f"--seeds must lie in [1, {MAX_SEEDS}], got {args.seeds} (a job array covers more, "
                          "with --seed-start)")

@@ -203,7 +203,7 @@ def test_ewc_and_distill_variants_end_to_end(tmp_path):
     (["--exp", "chain", "--variants", "ewc"], "variant ewc applies to permuted, split, not chain"),
     (["--exp", "lwf", "--variants", "gr+distill"],
      "variant gr+distill applies to chain, permuted, mnist-svhn, svhn-mnist, split, not lwf"),
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--budget", "temperature=0"], "--budget: temperature is > 0, got 0.0"),
 ])
 def test_variant_misuse_exits_2(argv, message, tmp_path):
     proc = run_dgr(*argv, "--out", str(tmp_path))

@@ -229,7 +229,7 @@ def test_replayed_generator_is_the_running_average_of_the_trained_one(tmp_path, 
 @pytest.mark.parametrize("argv,soft,temperature", [
     (["--variants", "gr"], False, 1.0),
     (["--variants", "gr", "--replay-targets", "soft"], True, 1.0),
-    (["--variants", "gr+distill", "--temperature", "3"], True, 3.0),
+    (["--variants", "gr+distill", "--budget", "temperature=3"], True, 3.0),
 ])
 def test_replay_targets_reach_the_solver(tmp_path, monkeypatch, argv, soft, temperature):
     labels, targets, task = set(), set(), {}

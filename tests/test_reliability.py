@@ -516,8 +516,8 @@ def test_a_damaged_svhn_file_is_named(tmp_path, svhn_data_dir):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--temperature", "nan"], "--temperature must be > 0 and finite, got nan"),
-    (["--temperature", "inf"], "--temperature must be > 0 and finite, got inf"),
+    (["--budget", "temperature=nan"], "--budget: temperature is > 0, got nan"),
+    (["--budget", "temperature=inf"], "--budget: temperature is > 0, got inf"),
     (["--r", "nan"], "--r must lie in [0, 1], got nan"),
     (["--seed-start", str(2 ** 63)], "--seed-start must lie in [0, 1000000000], got 9223372036854775808"),
     (["--seeds", "3000000", "--estimate"], "--seeds must lie in [1, 1000], got 3000000"),

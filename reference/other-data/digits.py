@@ -89,12 +89,13 @@ def main():
     data = {"mnist": load_digits()}
     os.makedirs(args.out, exist_ok=True)
     budget = json.loads(json.dumps(dataclasses.asdict(b)))   # as a JSON holds it: written, and compared
+    settings = lambda variant, budget: dgr.run_settings({"exp": args.exp, "variant": variant, **budget})
     for variant in args.variants.split(","):
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             path = os.path.join(args.out, f"{variant}_seed{seed}.json")
             if os.path.exists(path):   # done, if it is a run of these settings
                 with open(path) as f:
-                    if json.load(f)["budget"] != budget:
+                    if settings(variant, json.load(f)["budget"]) != settings(variant, budget):
                         p.error(f"{path} is a run of other settings: one --out per --exp and --budget")
                 continue
             start = time.time()
