@@ -623,7 +623,7 @@ def stored_rows_in_place(pool: list, n: int) -> torch.Tensor:
 
 
 def make_replay(v: Variant, lwf: bool, old: Scholar | None, pool: list, head: int, ewc: dict | None,
-                soft_targets: bool = False, temperature: float = 2.0) -> Replay:
+                soft_targets: bool = False, temperature: float = BUDGET_DEFAULTS["temperature"]) -> Replay:
     """The replay of variant `v` on a task, given the previous scholar `old` (None on the first task); its
     targets soft where the variant distils (at `temperature`) or soft_targets asks (at 1)."""
     if v.ewc:

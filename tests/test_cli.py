@@ -140,6 +140,7 @@ def test_svhn_experiments_end_to_end(tmp_path, svhn_data_dir, exp):
     (["--budget", "gen_iters=-1"], "--budget: gen_iters is >= 1, got -1"),
     (["--budget", "batch=0"], "--budget: batch is >= 1, got 0"),
     (["--budget", "gen_lr=0"], "--budget: gen_lr is > 0, got 0.0"),
+    (["--budget", "temperature=0"], "--budget: temperature is > 0, got 0.0"),
     (["--budget", "dropout=1"], "--budget: dropout is in [0, 1), got 1.0"),
     (["--budget", "lam=nan"], "--budget: lam is >= 0, got nan"),
     (["--budget", "sample_at=0:10"], "--budget: sample_at takes steps >= 1, got (0, 10)"),
@@ -203,7 +204,6 @@ def test_ewc_and_distill_variants_end_to_end(tmp_path):
     (["--exp", "chain", "--variants", "ewc"], "variant ewc applies to permuted, split, not chain"),
     (["--exp", "lwf", "--variants", "gr+distill"],
      "variant gr+distill applies to chain, permuted, mnist-svhn, svhn-mnist, split, not lwf"),
-    (["--budget", "temperature=0"], "--budget: temperature is > 0, got 0.0"),
 ])
 def test_variant_misuse_exits_2(argv, message, tmp_path):
     proc = run_dgr(*argv, "--out", str(tmp_path))
