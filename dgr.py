@@ -148,15 +148,16 @@ PAPER = {
 # paper's 3000 steps, since what split's GR loses is what its generators fail to carry; its last task's
 # generator, which only the sample figure would show, is skipped. split's solver replays 1024 samples per step
 # beside its 128 real inputs, permuted's 512: the replay term stands for all past tasks and weighs (i-1)/i on
-# task i, and 128 samples of it make a noisy estimate. permuted pays for its larger replay with a third fewer
-# generator steps, which cost it less than the replay gains. GR+distill distils at T = 1 in split and
-# permuted, where the replay term shares the loss with the new task's real inputs and T = 2 learns each new
-# task worse; chain's links learn from the old solver's targets alone and keep van de Ven et al.'s T = 2.
+# task i, and 128 samples of it make a noisy estimate. chain's links after the first learn from 512 replayed
+# samples per step, their whole loss. permuted pays for its larger replay with a third fewer generator steps,
+# which cost it less than the replay gains. GR+distill distils at T = 1 in split and permuted, where the
+# replay term shares the loss with the new task's real inputs and T = 2 learns each new task worse; chain's
+# links learn from the old solver's targets alone and keep van de Ven et al.'s T = 2.
 FAST_GAN = dict(gan="mlp", width=128, n_critic=3, gen_lr=2e-4, critic_lr=4e-4, solver_schedule="cosine")
 FAST_ALL_DIGITS = dict(FAST_GAN, width=256, gen_iters=3000, solver_iters=5000, gen_ema=0.99)
 FAST_SVHN = dict(FAST_GAN, solver_iters=1000, gen_iters=2000, eval_every=250)
 FAST = {
-    "chain": Budget(eval_every=1000, **FAST_ALL_DIGITS),
+    "chain": Budget(eval_every=1000, replay_batch=512, **FAST_ALL_DIGITS),
     "permuted": Budget(eval_every=500, gen_batch=128, replay_batch=512, temperature=1.0,
                        **dict(FAST_ALL_DIGITS, gen_iters=2000, gen_lr=4e-4, critic_lr=8e-4)),
     "split": Budget(solver_iters=1000, gen_iters=3000, eval_every=250, solver_lr=3e-4, gen_ema=0.99,
