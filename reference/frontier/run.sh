@@ -53,7 +53,7 @@ declare -A POINTS=(
   [permuted-mlp256-g3000-s5000-ema-h1000]="gan=mlp,width=256,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine,gen_ema=0.99,hidden=1000"
   # chain (Table 1), 5 links: the fast preset's GAN (width 256, 3000 steps) twice as wide, or trained twice as long.
   # The point chain-mlp256-g3000 (the fast budget) is not run here: it is the GR run of reproduce.sh at commit 59324be
-  # (reference/fast/chain-replay_batch=128/gr_seed0.json, one thread beside another run), copied; its --preset is fast.
+  # (reference/fast/chain-replay_batch=0/gr_seed0.json, one thread beside another run), copied; its --preset is fast.
   [chain-mlp512-g3000]="gan=mlp,width=512,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
   [chain-mlp256-g6000]="gan=mlp,width=256,gen_iters=6000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
   [chain-mlp512-g3000-distill]="gan=mlp,width=512,gen_iters=3000,n_critic=3,gen_lr=2e-4,critic_lr=4e-4,solver_schedule=cosine"
